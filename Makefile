@@ -1,0 +1,57 @@
+# charlm: `make help` lists the targets. Every Python target creates .venv on first use.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXP    ?= experiments/gpt.yaml
+SET    ?=
+MODEL  ?= mlruns/best
+PORT   ?= 5000
+HOST   ?= 127.0.0.1
+TEXT   ?=
+# The development/CI copy of tiny shakespeare sits in ../shared/data; a user's own setting wins.
+export CHARLM_DATA_MIRROR ?= $(abspath ../shared/data)
+
+SET_ARGS := $(foreach s,$(SET),--set $(s))
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install pinned requirements (done on first use by every target)
+
+train: $(STAMP) ## train one model: make train EXP=experiments/gpt.yaml SET="train.lr=1e-3 train.max_steps=500"
+	$(PY) -m charlm train $(EXP) $(SET_ARGS)
+
+sample: $(STAMP) ## generate text: make sample MODEL=path/to/model.pt (default mlruns/best)
+	$(PY) -m charlm sample --model $(MODEL)
+
+eval: $(STAMP) ## score a text file: make eval MODEL=... TEXT=file.txt
+	$(PY) -m charlm eval --model $(MODEL) $(if $(TEXT),--text $(TEXT),--split test)
+
+test: $(STAMP) ## the test suite (fast tests, a few minutes on 2 cores)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) ## the long tests (full trainings, process kills)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP) ## training tokens/s, fp32 vs bf16, against this machine's measured matmul peak
+	$(PY) bench/speed.py
+
+ui: $(STAMP) ## MLflow UI on http://$(HOST):$(PORT) to compare runs
+	mkdir -p mlruns
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT)
+
+clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)
+	rm -rf .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+.PHONY: help install train sample eval test test-slow bench ui clean

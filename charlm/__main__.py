@@ -1,0 +1,166 @@
+"""Command line: ``python -m charlm train | sample | eval``. Thin: parse, call, print.
+
+User errors (bad config, missing files, unknown characters) print one line to stderr and exit 2;
+Ctrl-C or SIGTERM ends the MLflow run as KILLED and exits 130/143.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from charlm.errors import CharlmError
+
+DEFAULT_MODEL = "mlruns/best"
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through `with tracker`, which records KILLED
+
+
+def cmd_train(args) -> int:
+    from charlm import config
+    from charlm.data import load_corpus
+
+    cfg = config.load(args.experiment, args.set or [])
+    corpus = load_corpus(cfg.data)  # fail on data problems before a run is created
+    from charlm.train import train
+
+    if args.no_track:
+        from charlm.tracking import NullTracker
+
+        tracker = NullTracker(args.out) if args.out else NullTracker()
+        result = train(cfg, tracker, corpus=corpus)
+        where = str(result.checkpoint)
+    else:
+        from charlm.tracking import MlflowTracker
+
+        with MlflowTracker(cfg.experiment, cfg.name) as tracker:
+            print(f"MLflow run {tracker.run_id} in experiment '{cfg.experiment}' ({tracker.uri})", file=sys.stderr)
+            result = train(cfg, tracker, corpus=corpus)
+            where = tracker.artifact_uri("model/model.pt") if result.checkpoint else "none"
+            if args.out and result.checkpoint:
+                from charlm.checkpoint import load, save
+
+                ck = load(result.checkpoint)
+                save(Path(args.out) / "model.pt", ck.model, ck.cfg, ck.vocab, ck.meta)
+    print(f"{cfg.model.kind}: {result.n_params:,} params, {result.steps} steps in {result.train_seconds:.0f}s, "
+          f"stop: {result.stop_reason}")
+    print(f"best val loss {result.best_val_loss:.4f} nats/char ({result.best_val_bpc:.4f} bpc) at step "
+          f"{result.best_step}; test loss {result.test_loss:.4f} ({result.test_bpc:.4f} bpc)")
+    print(f"checkpoint: {where}")
+    return 0 if result.stop_reason != "diverged" else 1
+
+
+def _read_text_arg(path: str) -> str:
+    from charlm.data import DataError, read_text
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"Text file not found: {path}")
+    text = read_text(p)
+    if len(text) < 2:
+        raise DataError(f"Text file {path} has fewer than 2 characters; nothing to score")
+    return text
+
+
+def cmd_eval(args) -> int:
+    from charlm import checkpoint
+    from charlm.evaluate import full_pass
+    from charlm.train import resolve_device
+
+    device = resolve_device(args.device)
+    ck = checkpoint.load(args.model, device)
+    if args.text:
+        ids = ck.vocab.encode(_read_text_arg(args.text), skip_unknown=args.skip_unknown)
+        source = args.text
+    else:
+        from charlm.data import load_corpus
+
+        corpus = load_corpus(ck.cfg.data)
+        if corpus.vocab != ck.vocab:
+            raise CharlmError(f"The corpus {corpus.path} no longer matches the checkpoint's vocabulary")
+        ids = corpus.split(args.split)
+        source = f"{corpus.path.name}:{args.split}"
+    if len(ids) < 2:
+        raise CharlmError(f"{source}: fewer than 2 known characters; nothing to score")
+    res = full_pass(ck.model, ids, ck.cfg.train.eval_stride, ck.cfg.train.eval_batch_size, device)
+    if args.json:
+        print(json.dumps({**res.as_dict(), "model": str(ck.path), "text": source}))
+    else:
+        print(f"{source}: {res.loss:.4f} nats/char, {res.bpc:.4f} bpc, perplexity {res.perplexity:.3f} "
+              f"over {res.chars:,} characters")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from charlm import checkpoint
+    from charlm.models import generate
+    from charlm.train import resolve_device
+
+    device = resolve_device(args.device)
+    ck = checkpoint.load(args.model, device)
+    prompt = args.prompt if args.prompt else "\n"
+    ids = ck.vocab.encode(prompt, skip_unknown=args.skip_unknown).long()
+    if len(ids) == 0:
+        raise CharlmError("The prompt has no character the model knows; give another --prompt")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(ck.model, ids[None, :].to(device), args.chars, args.temperature, args.top_k, gen)
+    sys.stdout.write(ck.vocab.decode(out[0].tolist()) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m charlm", description="Character-level language models, tracked in MLflow.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train one model from an experiment YAML")
+    t.add_argument("experiment", help="experiment YAML, e.g. experiments/gpt.yaml")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable), e.g. --set train.lr=1e-3")
+    t.add_argument("--out", metavar="DIR", help="also save the best checkpoint as DIR/model.pt")
+    t.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="score a text with a checkpoint (full-pass protocol)")
+    e.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH", help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", metavar="FILE", help="UTF-8 text file to score")
+    src.add_argument("--split", choices=["train", "val", "test"], help="a split of the checkpoint's own corpus")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--skip-unknown", action="store_true", help="drop characters outside the model's vocabulary instead of failing")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint")
+    s.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH", help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")
+    s.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    s.add_argument("--chars", type=int, default=500, help="characters to generate (default 500)")
+    s.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
+    s.add_argument("--top-k", type=int, default=None, help="sample only among the K likeliest characters")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--skip-unknown", action="store_true", help="drop prompt characters outside the vocabulary")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return args.func(args)
+    except CharlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

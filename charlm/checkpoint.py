@@ -1,0 +1,88 @@
+"""Checkpoints as plain data: weights, resolved config, vocabulary and metadata in one file.
+
+Written atomically (temp file + rename) so a kill mid-write never leaves a file that loads wrong;
+read with ``torch.load(weights_only=True)``, so loading a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from charlm.config import Config, from_dict, to_dict
+from charlm.data import CharVocab
+from charlm.errors import CharlmError
+from charlm.models import build_model
+
+FORMAT = "charlm-checkpoint/1"
+FILENAME = "model.pt"
+
+
+class CheckpointError(CharlmError):
+    """A checkpoint that is missing, corrupt or not ours."""
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    vocab: CharVocab
+    cfg: Config
+    meta: dict[str, Any]
+    path: Path
+
+
+def save(path: Path, model: nn.Module, cfg: Config, vocab: CharVocab, meta: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    blob = {"format": FORMAT, "model": state, "config": to_dict(cfg), "vocab": vocab.to_list(), "meta": meta}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint file, or a folder holding ``model.pt`` (directly or one level down)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for cand in [p / FILENAME, *sorted(p.glob(f"*/{FILENAME}"))]:
+            if cand.is_file():
+                return cand
+        raise CheckpointError(f"No {FILENAME} in folder {path}; give a checkpoint file or a folder holding one")
+    if not p.is_file():
+        raise CheckpointError(f"Checkpoint not found: {path} (give a {FILENAME} file or a folder holding one)")
+    return p
+
+
+def load(path: str | Path, device: str = "cpu") -> Loaded:
+    p = resolve(path)
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/corrupt files
+        raise CheckpointError(f"Checkpoint {p} is unreadable or corrupt ({type(e).__name__}); re-train or re-download it") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(f"{p} is not a charlm checkpoint (expected format {FORMAT})")
+    cfg = from_dict(blob["config"], where=f"checkpoint {p}")
+    vocab = CharVocab(list(blob["vocab"]))
+    model = build_model(cfg, len(vocab))
+    try:
+        model.load_state_dict(blob["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"Checkpoint {p} does not match its own config: {first}") from None
+    model.to(device).eval()
+    return Loaded(model=model, vocab=vocab, cfg=cfg, meta=dict(blob.get("meta", {})), path=p)

@@ -1,0 +1,308 @@
+"""The one home of defaults: frozen dataclasses, loaded strictly from YAML plus ``--set`` overrides.
+
+``load("experiments/gpt.yaml", ["train.lr=1e-3"])`` returns a frozen :class:`Config`. Anything a
+user can get wrong (an unknown or misspelt key, a wrong type, a value out of range) raises
+:class:`ConfigError` whose message is one line naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from charlm.errors import CharlmError
+
+
+class ConfigError(CharlmError):
+    """A config file or override that cannot be used as written."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # a UTF-8 text file; empty = tiny shakespeare (checkout -> mirror -> download)
+    context: int = 128  # characters a model may look back on; both models share the name
+    val_fraction: float = 0.1  # contiguous slice after train; 10% matches nanoGPT's val split
+    test_fraction: float = 0.1  # contiguous slice at the end, touched only by final evaluation
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "gpt"  # gpt | ff; both obey forward(idx, targets=None) -> (logits, loss)
+    n_embd: int = 128  # width of character embeddings (and of the transformer residual stream)
+    n_layer: int = 4  # gpt: transformer blocks
+    n_head: int = 4  # gpt: attention heads; must divide n_embd
+    hidden: int = 512  # ff: width of each hidden layer
+    layers: int = 2  # ff: number of hidden layers (>= 1)
+    dropout: float = 0.0  # 1M characters overfit slowly at this size; sweeps tune it
+    bias: bool = False  # biases in linear/LayerNorm layers; off is slightly faster, no worse
+    tie_weights: bool = True  # share input embedding and output projection (fewer params)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str = "auto"  # auto | cpu | cuda; auto takes a GPU when torch sees one
+    precision: str = "auto"  # auto | fp32 | bf16; auto = bf16 autocast where the hardware has it
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (the physical cores)
+    seed: int = 0  # one seed drives init, batch order and dropout
+    batch_size: int = 32  # sequences per step
+    lr: float = 2e-3  # peak AdamW learning rate; small char models take a high one
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio at max_steps
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    warmup_steps: int = 100  # linear warmup from 0; avoids early blow-ups with Adam
+    weight_decay: float = 0.1  # applied to matrices only, never to biases or norms
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.99  # AdamW second-moment decay; 0.99 suits short runs on small batches
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    max_steps: int = 2000  # optimizer steps budget
+    max_minutes: float = 0.0  # wall-clock budget for the training loop; 0 = none
+    validation_interval: int = 100  # steps between evaluations (the patience rule's step axis)
+    patience: int = 5  # evaluations without relative improvement before stopping; 0 = never
+    min_relative_improvement: float = 0.0  # improve means loss < best * (1 - this)
+    eval_chars: int = 16384  # intermediate evals score this fixed prefix of val; 0 = all of val
+    eval_stride: int = 0  # gpt full-pass window stride; 0 = context // 2
+    eval_batch_size: int = 32  # windows per forward pass when evaluating
+    sample_chars: int = 500  # length of the text sample saved with each run
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    experiment: str = "charlm"  # MLflow experiment the run is filed under
+    name: str = ""  # MLflow run name; empty = derived from the file name
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+CHOICES = {
+    "model.kind": ("gpt", "ff"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.schedule": ("cosine", "linear", "constant"),
+}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def all_keys() -> list[str]:
+    """Every dotted key a user may set, e.g. ``train.lr``."""
+    keys = []
+    for name, f in _fields(Config).items():
+        if name in SECTIONS:
+            keys += [f"{name}.{k}" for k in _fields(SECTIONS[name])]
+        else:
+            keys.append(name)
+    return keys
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; known keys: {', '.join(all_keys())}"
+    return ConfigError(f"Unknown config key '{key}' in {where}{hint}")
+
+
+def _coerce(key: str, value: Any, typ: type, where: str) -> Any:
+    """Check one value against its field's type; ints are accepted where floats are expected."""
+    ok = False
+    if typ in (int, float) and isinstance(value, str) and _looks_numeric(value):
+        # YAML 1.1 reads "1e-3" as a string; users mean the number
+        value = float(value) if typ is float or not value.strip().lstrip("+-").isdigit() else int(value)
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif typ is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(
+            f"Config key '{key}' in {where} must be {typ.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _type_of(f: dataclasses.Field) -> type:
+    return _TYPES[f.type] if isinstance(f.type, str) else f.type
+
+
+def flat_to_config(flat: Mapping[str, Any], where: Mapping[str, str]) -> Config:
+    """Build a validated Config from dotted keys; ``where[key]`` says where each key came from."""
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    top: dict[str, Any] = {}
+    for key, value in flat.items():
+        src = where.get(key, "config")
+        head, _, tail = key.partition(".")
+        if head in SECTIONS:
+            fields = _fields(SECTIONS[head])
+            if not tail or tail not in fields:
+                raise _unknown(key, src)
+            sections[head][tail] = _coerce(key, value, _type_of(fields[tail]), src)
+        else:
+            fields = _fields(Config)
+            if tail or head not in fields or head in SECTIONS:
+                raise _unknown(key, src)
+            top[head] = _coerce(key, value, _type_of(fields[head]), src)
+    cfg = Config(**{s: cls(**sections[s]) for s, cls in SECTIONS.items()}, **top)
+    validate(cfg, where)
+    return cfg
+
+
+def _check(cond: bool, key: str, where: Mapping[str, str], expected: str, value: Any) -> None:
+    if not cond:
+        src = where.get(key, "the defaults")
+        raise ConfigError(f"Config key '{key}' in {src} must be {expected}, got {value!r}")
+
+
+def validate(cfg: Config, where: Mapping[str, str] | None = None) -> None:
+    """Range and consistency checks that types alone cannot express."""
+    w = where or {}
+    flat = flatten(cfg)
+    for key, choices in CHOICES.items():
+        _check(flat[key] in choices, key, w, "one of " + " | ".join(choices), flat[key])
+    positive = [
+        "data.context", "model.n_embd", "model.n_layer", "model.n_head", "model.hidden",
+        "model.layers", "train.batch_size", "train.max_steps", "train.validation_interval",
+        "train.eval_batch_size",
+    ]
+    for key in positive:
+        _check(flat[key] >= 1, key, w, "an integer >= 1", flat[key])
+    for key in ["train.warmup_steps", "train.patience", "train.eval_chars", "train.eval_stride",
+                "train.threads", "train.seed", "train.sample_chars"]:
+        _check(flat[key] >= 0, key, w, "an integer >= 0", flat[key])
+    for key in ["train.lr"]:
+        _check(flat[key] > 0 and math.isfinite(flat[key]), key, w, "a number > 0", flat[key])
+    for key in ["train.weight_decay", "train.grad_clip", "train.max_minutes"]:
+        _check(flat[key] >= 0 and math.isfinite(flat[key]), key, w, "a number >= 0", flat[key])
+    for key in ["model.dropout", "train.min_relative_improvement"]:
+        _check(0 <= flat[key] < 1, key, w, "a number in [0, 1)", flat[key])
+    for key in ["train.beta1", "train.beta2", "train.min_lr_ratio"]:
+        _check(0 <= flat[key] <= 1, key, w, "a number in [0, 1]", flat[key])
+    for key in ["data.val_fraction", "data.test_fraction"]:
+        _check(0 < flat[key] < 0.5, key, w, "a fraction in (0, 0.5)", flat[key])
+    _check(
+        cfg.model.n_embd % cfg.model.n_head == 0, "model.n_head", w,
+        f"a divisor of model.n_embd ({cfg.model.n_embd})", cfg.model.n_head,
+    )
+    _check(
+        cfg.train.eval_stride <= cfg.data.context, "train.eval_stride", w,
+        f"at most data.context ({cfg.data.context})", cfg.train.eval_stride,
+    )
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"data.context": 128, ..., "experiment": "charlm"}`` in declaration order."""
+    out: dict[str, Any] = {}
+    for name in _fields(Config):
+        value = getattr(cfg, name)
+        if name in SECTIONS:
+            out.update({f"{name}.{k}": v for k, v in dataclasses.asdict(value).items()})
+        else:
+            out[name] = value
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain-data form, for YAML artifacts and checkpoints."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: Mapping[str, Any], where: str = "checkpoint") -> Config:
+    flat = _flatten_mapping(d, where)
+    return flat_to_config(flat, {k: where for k in flat})
+
+
+def _flatten_mapping(d: Any, where: str, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where} must hold a mapping of config sections, got {type(d).__name__}")
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if not prefix and k in SECTIONS:
+            if v is None:
+                continue
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"Config section '{key}' in {where} must be a mapping, got {v!r}")
+            out.update(_flatten_mapping(v, where, prefix=f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Safe-load a YAML file, turning every failure into a one-line ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file not found: {path} (give a path to a YAML file, e.g. experiments/gpt.yaml)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Cannot read config file {path}: {e}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"YAML syntax error in {path}{line}: {problem}") from None
+    if doc is None:
+        raise ConfigError(f"Config file {path} is empty; expected sections such as 'model:' and 'train:'")
+    return doc
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"Bad --set '{text}': expected KEY=VALUE, e.g. --set train.lr=1e-3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return s.strip().lower() not in {"nan", "inf", "-inf", "+inf", "infinity"}
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``--set`` overrides, strictly validated."""
+    flat: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    if path is not None:
+        doc = read_yaml(path)
+        items = _flatten_mapping(doc, str(path))
+        for k, v in items.items():
+            flat[k] = v
+            where[k] = str(path)
+    for text in overrides:
+        k, v = parse_override(text)
+        flat[k] = v
+        where[k] = f"--set {text}"
+    cfg = flat_to_config(flat, where)
+    if not cfg.name and path is not None:
+        cfg = dataclasses.replace(cfg, name=Path(path).stem)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,44 @@
+"""Model registry: ``model.kind`` -> class. Every class takes (ModelConfig, vocab_size, context)
+and obeys ``forward(idx, targets=None) -> (logits, loss)``, so nothing else branches on kind."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from charlm.config import Config
+from charlm.models.ff import FeedForward
+from charlm.models.gpt import GPT
+
+REGISTRY: dict[str, type[nn.Module]] = {"gpt": GPT, "ff": FeedForward}
+
+
+def build_model(cfg: Config, vocab_size: int) -> nn.Module:
+    return REGISTRY[cfg.model.kind](cfg.model, vocab_size, cfg.data.context)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def generate(model: nn.Module, idx: torch.Tensor, n: int, temperature: float = 1.0,
+             top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Append ``n`` sampled ids to ``idx`` (B, T), feeding at most the model's context back in."""
+    was_training = model.training
+    model.eval()
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.context:])
+        logits = logits[:, -1, :].float()
+        if temperature <= 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+        idx = torch.cat([idx, nxt], dim=1)
+    model.train(was_training)
+    return idx

@@ -1,0 +1,187 @@
+"""Where run data goes: MLflow for real runs, a null tracker (in memory) for unit tests.
+
+The trainer only calls the small :class:`Tracker` surface below. Step metrics are buffered and sent
+with one ``log_batch`` per evaluation: ``log_metric`` on SQLite costs milliseconds per call.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from charlm.errors import CharlmError
+
+DEFAULT_STORE = Path("mlruns")  # relative to the working directory, like MLflow's own default
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlruns/mlflow.db`` under the cwd."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        return uri
+    DEFAULT_STORE.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts live beside a SQLite store (``<store dir>/artifacts``); a server decides its own."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def git_commit() -> str:
+    """HEAD of the checkout this code runs from, with ``-dirty`` when files are modified."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if head and dirty else "")
+
+
+class NullTracker:
+    """Keeps everything in memory; for tests and for runs nobody wants recorded."""
+
+    run_id: str | None = None
+
+    def __init__(self, workdir: str | Path | None = None):
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="charlm-")
+        self.workdir = Path(workdir or self._tmp.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.params: dict[str, Any] = {}
+        self.metrics: dict[str, list[tuple[int | None, float]]] = {}
+        self.tags: dict[str, str] = {}
+        self.artifacts: list[str] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update({k: str(v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            self.metrics.setdefault(k, []).append((step, float(v)))
+
+    def flush(self) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.tags.update({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append(f"{artifact_path}/{Path(path).name}" if artifact_path else Path(path).name)
+
+    def artifact_uri(self, artifact_path: str) -> str:
+        return str(self.workdir / artifact_path)
+
+
+class MlflowTracker:
+    """One MLflow run, used as a context manager.
+
+    Ends FINISHED on success, KILLED on Ctrl-C/SIGTERM, FAILED on any other exception, so no run
+    is left RUNNING by a process that exits normally or by signal.
+    """
+
+    def __init__(self, experiment: str, run_name: str = "", parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None, uri: str | None = None):
+        from mlflow.tracking import MlflowClient  # slow import; only real runs pay it
+
+        self.uri = uri or tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_id = get_or_create_experiment(self.client, experiment, self.uri)
+        all_tags = {"mlflow.source.git.commit": git_commit(), "mlflow.source.name": "charlm"}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        all_tags.update(tags or {})
+        run = self.client.create_run(self.experiment_id, run_name=run_name or None, tags=all_tags)
+        self.run_id = run.info.run_id
+        self._artifact_uri = run.info.artifact_uri
+        self._buffer: list = []
+        self._tmp = tempfile.TemporaryDirectory(prefix="charlm-run-")
+        self.workdir = Path(self._tmp.name)
+        self.status: str | None = None
+
+    def __enter__(self) -> "MlflowTracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+            self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
+        self.end(status)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.status is not None:
+            return
+        try:
+            self.flush()
+        finally:
+            self.client.set_terminated(self.run_id, status=status)
+            self.status = status
+            self._tmp.cleanup()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def artifact_uri(self, artifact_path: str) -> str:
+        """Where an artifact of this run lives, as a local path when the store is local."""
+        uri = f"{self._artifact_uri}/{artifact_path}"
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def get_or_create_experiment(client, name: str, uri: str) -> str:
+    """The experiment's id, creating it (artifacts beside a SQLite store) if needed; race-safe."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise CharlmError(
+                f"MLflow experiment '{name}' is deleted; restore it in the UI or pick another name"
+            )
+        return exp.experiment_id
+    root = artifact_root(uri)
+    location = f"{root}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}" if root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)  # another process created it first
+        if exp is None:
+            raise
+        return exp.experiment_id
+
