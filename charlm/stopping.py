@@ -4,7 +4,8 @@ An evaluation *improves* when ``loss < reference * (1 - min_relative_improvement
 ``patience`` consecutive evaluations that do not improve, stop.
 
 * The trainer's early stop passes no reference: the reference is the last loss that counted as
-  an improvement (as Keras' ``min_delta`` does), so many tiny gains do not add up to "improving".
+  an improvement (as Keras' ``min_delta`` does), so a slow descent is credited once its gains
+  since that point add up to the margin, and noise around a plateau is not.
 * The sweep's pruner passes a reference taken from other trials at the same step (e.g. their
   median), so a trial gets ``patience`` chances to come within the margin of its peers.
 """

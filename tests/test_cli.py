@@ -1,0 +1,69 @@
+import subprocess
+
+import pytest
+
+from charlm.tracking import NullTracker
+from charlm.train import train
+
+from conftest import PYTHON, ROOT
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory, tiny_text):
+    from charlm import config
+
+    cfg = config.load(None, [f"data.path={tiny_text}", "data.context=16", "model.n_layer=1", "model.n_head=2",
+                             "model.n_embd=32", "train.max_steps=20", "train.validation_interval=10",
+                             "train.eval_chars=500", "train.sample_chars=0"])
+    res = train(cfg, NullTracker(tmp_path_factory.mktemp("run")))
+    return res.checkpoint
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([PYTHON, "-m", "charlm", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_sample_continues_the_prompt(model_file):
+    r = cli("sample", "--model", str(model_file), "--prompt", "ROMEO:", "--chars", "50", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ROMEO:") and len(r.stdout.rstrip("\n")) >= 50
+    again = cli("sample", "--model", str(model_file.parent), "--prompt", "ROMEO:", "--chars", "50", "--seed", "3")
+    assert again.stdout == r.stdout  # a folder holding model.pt works, and the seed fixes the text
+
+
+def test_eval_lists_unknown_characters_and_can_skip_them(model_file, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("To be, or not to be: that is the question {}")
+    r = cli("eval", "--model", str(model_file), "--text", str(f))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "2 character(s) not in the model's vocabulary: '{', '}'" in r.stderr
+    r = cli("eval", "--model", str(model_file), "--text", str(f), "--skip-unknown", "--json")
+    assert r.returncode == 0 and '"chars": 41' in r.stdout
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "Checkpoint not found"),
+    (b"", "unreadable or corrupt"),
+    (b"garbage" * 100, "unreadable or corrupt"),
+])
+def test_bad_checkpoints_get_one_line(tmp_path, content, needle):
+    path = tmp_path / "model.pt"
+    if content is not None:
+        path.write_bytes(content)
+    r = cli("eval", "--model", str(path), "--split", "val")
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_truncated_checkpoint(model_file, tmp_path):
+    cut = tmp_path / "model.pt"
+    cut.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+    r = cli("sample", "--model", str(cut))
+    assert r.returncode == 2 and "unreadable or corrupt" in r.stderr
+
+
+def test_help_matches_the_commands():
+    r = cli("--help")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("train", "eval", "sample"))
+    r = subprocess.run(["make", "-s", "help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    for target in ("install", "train", "test", "ui", "clean", "bench"):
+        assert f"make {target}" in r.stdout

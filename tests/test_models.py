@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+
+from charlm import config
+from charlm.evaluate import full_pass, windows
+from charlm.models import build_model, generate
+
+V = 65
+KINDS = {
+    "gpt": ["model.kind=gpt", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "data.context=24"],
+    "ff": ["model.kind=ff", "model.n_embd=16", "model.hidden=64", "model.layers=2", "data.context=8"],
+}
+
+
+def make(kind, *extra):
+    cfg = config.load(None, KINDS[kind] + list(extra))
+    torch.manual_seed(0)
+    return build_model(cfg, V), cfg
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal_future_characters_never_change_earlier_logits(kind):
+    model, cfg = make(kind, "model.dropout=0.0")
+    model.eval()
+    T = 24
+    idx = torch.randint(V, (3, T))
+    logits, _ = model(idx)
+    assert logits.shape == (3, T, V)
+    for t in range(T - 1):
+        changed = idx.clone()
+        changed[:, t + 1:] = torch.randint(V, (3, T - t - 1))
+        after, _ = model(changed)
+        assert torch.equal(after[:, : t + 1], logits[:, : t + 1]), f"position {t} saw the future"
+    # and the logits at t do depend on idx[t] itself (the model is not blind)
+    changed = idx.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % V
+    assert not torch.allclose(model(changed)[0][:, 5], logits[:, 5])
+
+
+def test_ff_reads_exactly_its_context_window():
+    model, cfg = make("ff")
+    model.eval()
+    c = cfg.data.context
+    idx = torch.randint(V, (2, 30))
+    logits, _ = model(idx)
+    changed = idx.clone()
+    changed[:, 20 - c] = (changed[:, 20 - c] + 1) % V  # just outside position 20's window
+    assert torch.equal(model(changed)[0][:, 20], logits[:, 20])
+    changed = idx.clone()
+    changed[:, 20 - c + 1] = (changed[:, 20 - c + 1] + 1) % V  # the oldest character inside it
+    assert not torch.allclose(model(changed)[0][:, 20], logits[:, 20])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_at_init_is_about_ln_vocab(kind):
+    model, _ = make(kind)
+    idx = torch.randint(V, (8, 24))
+    _, loss = model(idx, torch.randint(V, (8, 24)))
+    assert abs(loss.item() - math.log(V)) < 0.1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tiny_model_overfits_one_batch(kind):
+    model, _ = make(kind)
+    x = torch.randint(V, (4, 24))
+    y = torch.randint(V, (4, 24))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(300):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_tied_weights_share_storage():
+    model, _ = make("gpt", "model.tie_weights=true")
+    assert model.head.weight is model.tok_emb.weight
+    untied, _ = make("gpt", "model.tie_weights=false")
+    assert untied.head.weight is not untied.tok_emb.weight
+
+
+def test_constructor_does_not_rewrite_its_config():
+    cfg = config.load(None, KINDS["gpt"])
+    before = config.to_dict(cfg)
+    build_model(cfg, V)
+    assert config.to_dict(cfg) == before
+
+
+@pytest.mark.parametrize("n,window,stride", [(2, 8, 4), (9, 8, 4), (100, 8, 4), (101, 16, 16), (57, 10, 3), (5, 32, 16)])
+def test_windows_score_every_character_after_the_first_once(n, window, stride):
+    seen = []
+    L = min(window, n - 1)
+    for start, k in windows(n, window, stride):
+        assert 0 <= start and start + L <= n - 1 and 1 <= k <= L
+        seen += list(range(start + L - k + 1, start + L + 1))
+    assert seen == list(range(1, n))
+
+
+def test_ff_full_pass_equals_one_long_forward():
+    # ff gives every position its full window whatever the chunking, so the full pass must equal
+    # scoring the whole text in a single forward call
+    model, _ = make("ff")
+    data = torch.randint(V, (5000,))
+    got = full_pass(model, data, batch_size=3)
+    logits, _ = model(data[None, :-1])
+    want = torch.nn.functional.cross_entropy(logits[0], data[1:]).item()
+    assert got.chars == 4999 and got.loss == pytest.approx(want, abs=1e-5)
+
+
+def test_gpt_full_pass_is_deterministic_and_uses_context():
+    model, _ = make("gpt")
+    data = torch.randint(V, (3000,))
+    a = full_pass(model, data, stride=8, batch_size=7)
+    b = full_pass(model, data, stride=8, batch_size=32)
+    assert a.loss == pytest.approx(b.loss, abs=1e-6) and a.chars == 2999
+    assert a.bpc == pytest.approx(a.loss / math.log(2)) and a.perplexity == pytest.approx(math.exp(a.loss))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_extends_the_prompt(kind):
+    model, _ = make(kind)
+    out = generate(model, torch.zeros(1, 3, dtype=torch.long), 40, temperature=1.0, top_k=5,
+                   generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 43) and out[0, :3].tolist() == [0, 0, 0]

@@ -1,0 +1,125 @@
+"""A real tiny training run recorded in a real (temporary) MLflow store, read back with MlflowClient."""
+
+import dataclasses
+import json
+import math
+import subprocess
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from charlm import checkpoint, config
+from charlm.data import load_corpus
+from charlm.tracking import MlflowTracker, NullTracker
+from charlm.train import train
+
+from conftest import PYTHON
+
+PER_EVAL = ["train_loss", "val_loss", "val_perplexity", "val_bpc", "lr", "tokens_per_sec"]
+FINAL = ["best_val_loss", "best_val_bpc", "best_step", "stopped_early", "test_loss", "test_bpc", "train_seconds"]
+
+
+@pytest.fixture
+def recorded_run(tiny_cfg, mlflow_uri, tmp_path):
+    with MlflowTracker(tiny_cfg.experiment, tiny_cfg.name) as tracker:
+        result = train(tiny_cfg, tracker)
+        ckpt = tracker.artifact_uri("model/model.pt")
+    return result, MlflowClient(mlflow_uri).get_run(result.run_id), ckpt
+
+
+def test_run_records_params_metrics_tags_and_artifacts(recorded_run, tiny_cfg, mlflow_uri):
+    result, run, _ = recorded_run
+    client = MlflowClient(mlflow_uri)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    for key, value in config.flatten(tiny_cfg).items():
+        assert params[key] == str(value)
+    assert params["model_kind"] == "gpt" and int(params["n_params"]) == result.n_params
+    assert len(params["data_sha256"]) == 64 and params["git_commit"]
+
+    for key in PER_EVAL:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [10, 20, 30, 40], key
+        assert all(math.isfinite(m.value) for m in history)
+    metrics = run.data.metrics
+    for key in FINAL:
+        assert key in metrics, key
+    assert metrics["best_val_loss"] == pytest.approx(result.best_val_loss)
+    assert metrics["best_val_bpc"] == pytest.approx(result.best_val_loss / math.log(2))
+    assert metrics["stopped_early"] == 0 and "early_stop_step" not in metrics
+    assert run.data.tags["stop_reason"] == "max_steps"
+
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "model", "sample.txt", "loss_curve.png"} <= names
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
+    # the config artifact is the resolved config, loadable as an experiment
+    cfg_file = client.download_artifacts(run.info.run_id, "config.yaml")
+    assert config.load(cfg_file).train == tiny_cfg.train
+
+
+def test_eval_cli_reproduces_the_logged_full_pass(recorded_run, tiny_cfg, tmp_path):
+    result, run, ckpt = recorded_run
+    corpus = load_corpus(tiny_cfg.data)
+    start, end = corpus.split_bounds("val")
+    val_text = tmp_path / "val.txt"
+    val_text.write_text(corpus.path.read_text(encoding="utf-8")[start:end], encoding="utf-8")
+    r = subprocess.run([PYTHON, "-m", "charlm", "eval", "--model", ckpt, "--text", str(val_text), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["loss"] == pytest.approx(run.data.metrics["best_val_loss"], abs=1e-4)
+    assert out["chars"] == end - start - 1
+    assert out["bpc"] == pytest.approx(out["loss"] / math.log(2))
+
+
+def test_checkpoint_carries_vocab_and_config(recorded_run, tiny_cfg):
+    result, _, ckpt = recorded_run
+    loaded = checkpoint.load(ckpt)
+    assert loaded.cfg == tiny_cfg
+    assert loaded.vocab == load_corpus(tiny_cfg.data).vocab
+    assert loaded.meta["step"] == result.best_step
+
+
+def test_early_stop_is_logged(tiny_cfg, mlflow_uri):
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(
+        tiny_cfg.train, patience=1, min_relative_improvement=0.9))
+    with MlflowTracker(cfg.experiment, "early") as tracker:
+        result = train(cfg, tracker)
+    run = MlflowClient(mlflow_uri).get_run(result.run_id)
+    assert run.data.tags["stop_reason"] == "early_stop"
+    assert run.data.metrics["early_stop_step"] == 20 and run.data.metrics["stopped_early"] == 1
+
+
+def test_failed_run_is_marked_failed(tiny_cfg, mlflow_uri):
+    def boom(event):
+        raise RuntimeError("hook failed")
+
+    with pytest.raises(RuntimeError):
+        with MlflowTracker(tiny_cfg.experiment, "boom") as tracker:
+            train(tiny_cfg, tracker, on_eval=boom)
+    run = MlflowClient(mlflow_uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and "hook failed" in run.data.tags["error"]
+
+
+def test_time_budget_and_hook_stop(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, max_minutes=1e-6, max_steps=1000))
+    res = train(cfg, NullTracker())
+    assert res.stop_reason == "max_minutes" and res.steps == 1 and math.isfinite(res.test_loss)
+    seen = []
+    res = train(tiny_cfg, NullTracker(), on_eval=lambda e: seen.append(e.step) or ("pruned" if e.step == 20 else None))
+    assert res.stop_reason == "pruned" and res.steps == 20 and seen == [10, 20]
+
+
+def test_same_seed_same_result(tiny_cfg):
+    a = train(tiny_cfg, NullTracker())
+    b = train(tiny_cfg, NullTracker())
+    assert a.best_val_loss == pytest.approx(b.best_val_loss, abs=1e-6)
+    c = train(dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, seed=1)), NullTracker())
+    assert c.best_val_loss != pytest.approx(a.best_val_loss, abs=1e-6)
+
+
+def test_ff_trains_and_beats_unigram(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, kind="ff"),
+                              train=dataclasses.replace(tiny_cfg.train, max_steps=150, validation_interval=50))
+    res = train(cfg, NullTracker())
+    assert res.best_val_loss < 3.0  # unigram entropy of this text is about 3.3 nats
