@@ -203,6 +203,13 @@ def validate(cfg: Config, where: Mapping[str, str] | None = None) -> None:
     )
 
 
+def override(cfg: Config, values: Mapping[str, Any], where: str) -> Config:
+    """A new Config with dotted ``values`` applied; ``cfg`` itself is never modified."""
+    flat = flatten(cfg)
+    flat.update(values)
+    return flat_to_config(flat, {k: where for k in values})
+
+
 def flatten(cfg: Config) -> dict[str, Any]:
     """``{"data.context": 128, ..., "experiment": "charlm"}`` in declaration order."""
     out: dict[str, Any] = {}
