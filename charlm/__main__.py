@@ -1,4 +1,4 @@
-"""Command line: ``python -m charlm train | sample | eval``. Thin: parse, call, print.
+"""Command line: ``python -m charlm train | sweep | best | eval | sample``. Thin: parse, call, print.
 
 User errors (bad config, missing files, unknown characters) print one line to stderr and exit 2;
 Ctrl-C or SIGTERM ends the MLflow run as KILLED and exits 130/143.
@@ -115,6 +115,30 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from charlm.space import load_sweep
+
+    spec = load_sweep(args.sweep, n_trials=args.n_trials, storage=args.storage)
+    from charlm import sweep
+
+    if args.dry_run:
+        print(sweep.dry_run(spec))
+        return 0
+    if args.workers < 1:
+        raise CharlmError(f"--workers must be >= 1, got {args.workers}")
+    return sweep.run(spec, workers=args.workers, worker_index=args.worker_index)
+
+
+def cmd_best(args) -> int:
+    from charlm.space import load_sweep
+
+    spec = load_sweep(args.sweep, storage=args.storage)
+    from charlm.best import run_best
+
+    run_best(spec, tuple(args.seeds) if args.seeds else None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m charlm", description="Character-level language models, tracked in MLflow.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -125,6 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="DIR", help="also save the best checkpoint as DIR/model.pt")
     t.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
     t.set_defaults(func=cmd_train)
+
+    w = sub.add_parser("sweep", help="run (or resume) the Optuna study a sweep YAML declares")
+    w.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
+    w.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine (default 1)")
+    w.add_argument("--n-trials", type=int, default=None, help="total trials for the study (overrides study.n_trials)")
+    w.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (overrides study.storage)")
+    w.add_argument("--dry-run", action="store_true", help="print the resolved space and sampled configs; train nothing")
+    w.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    w.set_defaults(func=cmd_sweep)
+
+    b = sub.add_parser("best", help="retrain the study's best trial with the full budget over seeds, test it, save it")
+    b.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
+    b.add_argument("--seeds", type=int, nargs="+", default=None, help="override best.seeds")
+    b.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (overrides study.storage)")
+    b.set_defaults(func=cmd_best)
 
     e = sub.add_parser("eval", help="score a text with a checkpoint (full-pass protocol)")
     e.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH", help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")

@@ -56,12 +56,15 @@ def save(path: Path, model: nn.Module, cfg: Config, vocab: CharVocab, meta: dict
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint file, or a folder holding ``model.pt`` (directly or one level down)."""
+    """A checkpoint file, or a folder holding ``model.pt`` (directly, or the newest one level down,
+    so ``mlruns/best`` means the most recent ``mlruns/best/<study>/model.pt``)."""
     p = Path(path).expanduser()
     if p.is_dir():
-        for cand in [p / FILENAME, *sorted(p.glob(f"*/{FILENAME}"))]:
-            if cand.is_file():
-                return cand
+        if (p / FILENAME).is_file():
+            return p / FILENAME
+        below = sorted(p.glob(f"*/{FILENAME}"), key=lambda c: c.stat().st_mtime, reverse=True)
+        if below:
+            return below[0]
         raise CheckpointError(f"No {FILENAME} in folder {path}; give a checkpoint file or a folder holding one")
     if not p.is_file():
         raise CheckpointError(f"Checkpoint not found: {path} (give a {FILENAME} file or a folder holding one)")

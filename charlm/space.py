@@ -293,12 +293,15 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
     base = doc.get("base") or ""
     if not isinstance(base, str):
         raise _fail(path, "base", "a path to an experiment YAML", base)
-    if base and not Path(base).is_file():
-        beside = Path(path).parent / base
-        if not beside.is_file():
+    if base:
+        # as written (from the cwd), else beside the sweep file, else from the folder above it
+        # (sweeps/x.yaml naming experiments/y.yaml works from anywhere)
+        here = Path(path).resolve().parent
+        found = next((c for c in (Path(base), here / base, here.parent / base) if c.is_file()), None)
+        if found is None:
             raise SweepError(f"Base experiment '{base}' named in {path} not found (give a path from the "
                              f"repository root, e.g. experiments/gpt.yaml)")
-        base = str(beside)
+        base = str(found)
 
     fixed = doc.get("fixed") or {}
     if not isinstance(fixed, dict):

@@ -1,0 +1,107 @@
+"""The study's best trial -> retrain with the full budget over several seeds -> test -> ``mlruns/best/<study>/``.
+
+One MLflow run tagged ``best=true`` (linked to the study's parent run) holds the mean and spread
+over seeds; each seed is a child run with everything the trainer logs. The seed with the lowest
+full-pass val loss is the model saved (checkpoint, resolved config, vocabulary, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from optuna.trial import TrialState
+
+from charlm import checkpoint, config
+from charlm.config import dump_yaml
+from charlm.errors import CharlmError
+from charlm.models import generate
+from charlm.space import SweepSpec
+from charlm.sweep import default_storage, open_study, redact
+from charlm.tracking import MlflowTracker
+from charlm.train import train
+
+BEST_ROOT = Path("mlruns") / "best"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def best_config(spec: SweepSpec, study) -> tuple[config.Config, object]:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise CharlmError(f"No completed trial in study '{spec.study.name}' yet; run "
+                          f"`make sweep SWEEP={spec.path}` first")
+    trial = study.best_trial
+    cfg = spec.trial_config(trial.params, trial.number)
+    m = spec.best.budget_multiplier
+    cfg = config.override(cfg, {"train.max_steps": max(1, int(round(cfg.train.max_steps * m))),
+                                "train.max_minutes": cfg.train.max_minutes * m}, where=f"{spec.path} (best budget)")
+    return replace(cfg, name=f"best-{spec.study.name}"), trial
+
+
+def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
+    storage_url = spec.study.storage or default_storage(spec)
+    study = open_study(spec, storage_url)
+    cfg, trial = best_config(spec, study)
+    seeds = tuple(seeds or spec.best.seeds)
+    out = BEST_ROOT / spec.study.name
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"best trial {trial.number} of study '{spec.study.name}' ({redact(storage_url)}): val {trial.value:.4f}; "
+          f"retraining {cfg.train.max_steps} steps x seeds {list(seeds)}")
+    tags = {"best": "true", "optuna.study_name": spec.study.name, "optuna.best_trial": str(trial.number),
+            "charlm.study_run": study.user_attrs.get("mlflow_parent_run_id", "")}
+    rows = []
+    with MlflowTracker(spec.study.name, f"best-trial-{trial.number}", tags=tags) as parent:
+        parent.log_params({**config.flatten(cfg), "seeds": list(seeds), "best_trial": trial.number,
+                           "budget_multiplier": spec.best.budget_multiplier})
+        best_loaded = None
+        for seed in seeds:
+            seed_cfg = config.override(cfg, {"train.seed": seed}, where="best seeds")
+            seed_cfg = replace(seed_cfg, name=f"best-seed-{seed}")
+            with MlflowTracker(spec.study.name, seed_cfg.name, parent_run_id=parent.run_id,
+                               tags={**tags, "seed": str(seed)}) as tracker:
+                res = train(seed_cfg, tracker)
+                loaded = checkpoint.load(res.checkpoint) if res.checkpoint else None
+            rows.append({"seed": seed, "val_loss": res.best_val_loss, "test_loss": res.test_loss,
+                         "steps": res.steps, "stop": res.stop_reason, "seconds": round(res.train_seconds, 1),
+                         "run_id": res.run_id})
+            print(f"  seed {seed}: val {res.best_val_loss:.4f}  test {res.test_loss:.4f}  "
+                  f"({res.steps} steps, {res.stop_reason}, {res.train_seconds:.0f}s)")
+            if loaded and (best_loaded is None or res.best_val_loss < best_loaded[0]):
+                best_loaded = (res.best_val_loss, seed, loaded)
+        if best_loaded is None:
+            raise CharlmError("Every retrain diverged; nothing to save. Lower train.lr in the sweep's space")
+        tests = [r["test_loss"] for r in rows]
+        vals = [r["val_loss"] for r in rows]
+        summary = {
+            "study": spec.study.name, "trial": trial.number, "trial_val_loss": trial.value,
+            "seeds": list(seeds), "saved_seed": best_loaded[1],
+            "test_loss_mean": statistics.fmean(tests), "test_loss_std": statistics.pstdev(tests),
+            "val_loss_mean": statistics.fmean(vals), "val_loss_std": statistics.pstdev(vals),
+            "runs": rows,
+        }
+        parent.log_metrics({k: v for k, v in summary.items() if k.endswith(("_mean", "_std"))})
+        parent.set_tags({"saved_seed": best_loaded[1]})
+        _, seed, loaded = best_loaded
+        checkpoint.save(out / checkpoint.FILENAME, loaded.model, loaded.cfg, loaded.vocab, loaded.meta)
+        _write_atomic(out / "config.yaml", dump_yaml(loaded.cfg))
+        _write_atomic(out / "vocab.json", json.dumps(loaded.vocab.to_list(), ensure_ascii=False))
+        _write_atomic(out / "metrics.json", json.dumps(summary, indent=2))
+        for name in ("config.yaml", "metrics.json"):
+            parent.log_artifact(out / name)
+    print(f"test loss {summary['test_loss_mean']:.4f} +- {summary['test_loss_std']:.4f} nats/char over seeds "
+          f"{list(seeds)} (val {summary['val_loss_mean']:.4f}); saved seed {seed} to {out}/")
+    start = torch.tensor([[loaded.vocab.index.get("\n", 0)]])
+    text = generate(loaded.model, start, 300, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    print("--- sample ---\n" + loaded.vocab.decode(text[0].tolist()))
+    return out

@@ -1,0 +1,310 @@
+"""Sweeps end to end: real Optuna journal storage, real worker processes, a real MLflow store."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from charlm import config
+from charlm.space import SweepError, load_sweep
+from charlm.stopping import Patience
+from charlm.sweep import PatiencePruner, counted, open_storage
+
+from conftest import PYTHON, ROOT
+
+SMOKE = ROOT / "sweeps" / "smoke.yaml"
+
+
+def cli(*args, cwd, timeout=600, env=None):
+    return subprocess.run([PYTHON, "-m", "charlm", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=env)
+
+
+def mlflow_runs(cwd: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def journal_study(cwd: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(f"journal:{cwd}/mlruns/optuna/{name}.journal"))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_file_loads_and_validates(path):
+    spec = load_sweep(path)
+    assert spec.study.name and spec.space
+    spec.base_config()
+
+
+def _sweep_err(tmp_path, doc: dict | str) -> str:
+    f = tmp_path / "s.yaml"
+    f.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    with pytest.raises(SweepError) as e:
+        load_sweep(f)
+    msg = str(e.value)
+    assert "\n" not in msg and str(f) in msg
+    return msg
+
+
+def _doc(**changes):
+    doc = {"study": {"name": "t", "n_trials": 2}, "base": "experiments/gpt.yaml",
+           "space": {"model.kind": {"choice": ["gpt", "ff"]}, "train.lr": {"float": [1e-4, 1e-2], "log": True}}}
+    for k, v in changes.items():
+        doc[k] = v
+    return doc
+
+
+def test_sweep_errors_name_file_key_and_expectation(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert "Unknown sweep key 'study.n_trails'" in _sweep_err(tmp_path, _doc(study={"name": "t", "n_trails": 3}))
+    assert "did you mean 'study.n_trials'" in _sweep_err(tmp_path, _doc(study={"name": "t", "n_trails": 3}))
+    assert "Unknown sweep key 'spaces'" in _sweep_err(tmp_path, {**_doc(), "spaces": {}})
+    assert "'study.n_trials'" in _sweep_err(tmp_path, _doc(study={"name": "t", "n_trials": "many"}))
+    msg = _sweep_err(tmp_path, _doc(space={"model.kind": {"choice": []}}))
+    assert "'space.model.kind.choice'" in msg and "a non-empty list" in msg
+    msg = _sweep_err(tmp_path, _doc(space={"train.lr": {"float": [1e-2, 1e-4]}}))
+    assert "'space.train.lr.float'" in msg and "low <= high" in msg
+    msg = _sweep_err(tmp_path, _doc(space={"model.n_layr": {"int": [1, 3]}}))
+    assert "Unknown config key 'model.n_layr'" in msg and "model.n_layer" in msg
+    msg = _sweep_err(tmp_path, _doc(space={"model.kind": {"choice": ["gpt"]},
+                                           "when": {"model.knd == gpt": {"model.n_layer": {"int": [1, 2]}}}}))
+    assert "Condition 'model.knd == gpt'" in msg and "not an unconditional parameter" in msg
+    msg = _sweep_err(tmp_path, _doc(space={"model.n_embd": {"choice": [64, 96]}, "model.n_head": {"choice": [4, 5]}}))
+    assert "'model.n_head'" in msg and "divisor of model.n_embd (64), got 5" in msg
+    msg = _sweep_err(tmp_path, _doc(space={"data.context": {"int": [0, 64]}}))
+    assert "'data.context'" in msg and ">= 1" in msg
+    msg = _sweep_err(tmp_path, _doc(pruner={"type": "patient"}))
+    assert "'pruner.type'" in msg and "patience | median" in msg
+    assert "Base experiment 'nope.yaml'" in _sweep_err(tmp_path, _doc(base="nope.yaml"))
+    assert "YAML syntax error" in _sweep_err(tmp_path, "study: {name: t\nspace: [")
+
+
+def test_sweep_cli_error_is_one_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(_doc(space={"train.lr": {"float": [1e-2, 1e-4]}})))
+    r = cli("sweep", str(f), cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "low <= high" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_dry_run_samples_without_training(tmp_path):
+    r = cli("sweep", str(SMOKE), "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "model.kind" in r.stdout and r.stdout.count("sample ") == 3
+    assert not (tmp_path / "mlruns").exists()
+
+
+# ----------------------------------------------------------------------------- pruner
+
+
+def _study_with_peers(curves, interval=10):
+    study = optuna.create_study(pruner=PatiencePruner(reference="median", min_trials=2))
+    dist = optuna.distributions.FloatDistribution(0, 1)
+    for curve in curves:
+        best, inter = float("inf"), {}
+        for i, v in enumerate(curve, start=1):
+            best = min(best, v)
+            inter[i * interval] = best
+        study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=best, params={"x": 0.5},
+                                            distributions={"x": dist}, intermediate_values=inter))
+    return study
+
+
+def _prune_step(study, curve, patience, mri=0.0, interval=10):
+    trial = study.ask()
+    trial.set_user_attr("patience", patience)
+    trial.set_user_attr("min_relative_improvement", mri)
+    best = float("inf")
+    for i, v in enumerate(curve, start=1):
+        best = min(best, v)
+        trial.report(best, i * interval)
+        if trial.should_prune():
+            return i * interval
+    return None
+
+
+PEERS = [[3.0, 2.5, 2.2, 2.0, 1.9, 1.8], [3.1, 2.6, 2.3, 2.1, 2.0, 1.9]]
+
+
+def test_trial_trailing_the_median_for_patience_evals_is_pruned():
+    study = _study_with_peers(PEERS)
+    assert _prune_step(study, [3.2, 2.9, 2.8, 2.7, 2.6, 2.5], patience=3) == 30
+
+
+def test_trial_that_catches_up_in_time_is_not_pruned():
+    study = _study_with_peers(PEERS)
+    # behind at 10 and 20, level at 30 (resets the count), then ahead
+    assert _prune_step(study, [3.2, 2.9, 2.2, 1.95, 1.85, 1.7], patience=3) is None
+
+
+def test_min_relative_improvement_demands_a_margin_over_peers():
+    study = _study_with_peers(PEERS)
+    level = [3.05, 2.55, 2.25, 2.05, 1.95, 1.85]  # exactly the median of the two peers
+    assert _prune_step(study, level, patience=2, mri=0.0) == 20  # not strictly better: misses
+    study = _study_with_peers(PEERS)
+    better = [v * 0.995 for v in level]
+    assert _prune_step(study, better, patience=2, mri=0.0) is None
+    study = _study_with_peers(PEERS)
+    assert _prune_step(study, better, patience=2, mri=0.01) == 20  # 0.5% better is not 1% better
+
+
+@pytest.mark.parametrize("patience,mri", [(1, 0.0), (2, 0.0), (3, 0.0), (2, 0.05), (3, 0.02)])
+def test_pruner_with_self_reference_stops_where_the_trainer_does(patience, mri):
+    curve = [3.0, 2.5, 2.4, 2.45, 2.41, 2.39, 2.5, 2.6, 2.7, 2.8, 2.9, 3.0]
+    rule = Patience(patience, mri)
+    trainer_stop = next((i * 10 for i, v in enumerate(curve, start=1) if rule.update(i * 10, v)), None)
+    study = optuna.create_study(pruner=PatiencePruner(reference="self"))
+    assert trainer_stop is not None
+    assert _prune_step(study, curve, patience, mri) == trainer_stop
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    """`python -m charlm sweep sweeps/smoke.yaml --workers 2` in a fresh folder, as a user would."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    r = cli("sweep", str(SMOKE), "--workers", "2", cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cwd, r
+
+
+def test_two_workers_optuna_and_mlflow_agree(smoke_sweep):
+    cwd, r = smoke_sweep
+    spec = load_sweep(SMOKE)
+    study = journal_study(cwd, "smoke")
+    trials = study.get_trials()
+    assert len(trials) == spec.study.n_trials and counted(study) == spec.study.n_trials
+    assert sorted(t.number for t in trials) == list(range(spec.study.n_trials))
+    states = [t.state for t in trials]
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states
+    client, runs = mlflow_runs(cwd, "smoke")
+    parents = [x for x in runs if x.data.tags.get("charlm.role") == "study"]
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert study.user_attrs["mlflow_parent_run_id"] == parents[0].info.run_id
+    assert len(children) == len(trials)  # no duplicate or orphan runs
+    by_id = {x.info.run_id: x for x in children}
+    for t in trials:
+        run = by_id[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["optuna.trial_number"] == str(t.number)
+        assert run.data.tags["optuna.state"] == t.state.name
+        assert run.info.status == ("FAILED" if t.state == TrialState.FAIL else "FINISHED")
+        base = spec.base_config()
+        for key, value in t.params.items():
+            assert run.data.params[key] == str(config.override(base, {key: value}, "t").__getattribute__(
+                key.split(".")[0]).__getattribute__(key.split(".")[1]))
+        if t.state == TrialState.PRUNED:
+            assert run.data.tags["stop_reason"] == "pruned"
+            assert int(run.data.tags["prune_step"]) == t.last_step
+            assert t.value == min(t.intermediate_values.values())  # its best, not its last
+        else:
+            assert run.data.metrics["best_val_loss"] == pytest.approx(t.value)
+    # the parent run carries the study summary
+    parent = parents[0]
+    assert parent.data.metrics["n_complete"] == sum(s == TrialState.COMPLETE for s in states)
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert json.loads(parent.data.tags["best_params"]) == study.best_params
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert {"study/optimization_history.png", "study/trials.csv", "study/best_params.json"} <= files
+
+
+def test_resume_counts_the_total_across_calls(smoke_sweep):
+    cwd, _ = smoke_sweep
+    r = cli("sweep", str(SMOKE), cwd=cwd)  # already at its total: runs nothing
+    assert r.returncode == 0, r.stderr
+    assert len(journal_study(cwd, "smoke").trials) == 6
+    r = cli("sweep", str(SMOKE), "--n-trials", "7", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    study = journal_study(cwd, "smoke")
+    assert len(study.trials) == 7
+    _, runs = mlflow_runs(cwd, "smoke")
+    assert sum(1 for x in runs if x.data.tags.get("charlm.role") == "study") == 1  # parent reused
+
+
+def test_best_retrains_saves_and_evaluates(smoke_sweep):
+    cwd, _ = smoke_sweep
+    r = cli("best", str(SMOKE), cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = cwd / "mlruns" / "best" / "smoke"
+    assert {"model.pt", "config.yaml", "metrics.json", "vocab.json"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seeds"] == [0, 1] and len(metrics["runs"]) == 2
+    study = journal_study(cwd, "smoke")
+    assert metrics["trial"] == study.best_trial.number
+    assert config.load(out / "config.yaml").train.max_steps == round(60 * 1.5)
+    text = cwd / "t.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    r = cli("eval", "--model", str(out), "--text", str(text), "--json", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["chars"] == len(text.read_text()) - 1
+    client, runs = mlflow_runs(cwd, "smoke")
+    best_runs = [x for x in runs if x.data.tags.get("best") == "true" and not x.data.tags.get("mlflow.parentRunId")]
+    assert len(best_runs) == 1 and "test_loss_mean" in best_runs[0].data.metrics
+    r = cli("sample", "--chars", "20", cwd=cwd)  # default model: the newest mlruns/best/<study>
+    assert r.returncode == 0 and len(r.stdout) > 20
+
+
+def test_best_without_a_completed_trial_is_a_clear_error(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(_doc(study={"name": "empty", "n_trials": 1}, base=str(ROOT / "experiments/gpt.yaml"))))
+    (tmp_path / "mlruns" / "optuna").mkdir(parents=True)
+    optuna.create_study(study_name="empty", storage=open_storage(f"journal:{tmp_path}/mlruns/optuna/empty.journal"))
+    r = cli("best", str(f), cwd=tmp_path)
+    assert r.returncode == 2 and "No completed trial in study 'empty'" in r.stderr
+
+
+def test_sigkill_mid_trial_then_resume(tmp_path):
+    """Kill the sweep with SIGKILL while a trial runs; the rerun fails and retries it."""
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc["study"] = {"name": "killme", "n_trials": 3}
+    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    doc["fixed"]["train.max_steps"] = 400  # long enough to be killed in the middle
+    doc["pruner"] = {"type": "none"}
+    doc["space"] = {"train.lr": {"float": [1e-3, 3e-3], "log": True}}
+    f = tmp_path / "killme.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    proc = subprocess.Popen([PYTHON, "-m", "charlm", "sweep", str(f)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    journal = tmp_path / "mlruns" / "optuna" / "killme.journal"
+    deadline = time.time() + 120
+    killed = None
+    while time.time() < deadline and killed is None:
+        time.sleep(0.5)
+        if not journal.exists():
+            continue
+        study = journal_study(tmp_path, "killme")
+        running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+        if running and running[0].last_step:  # mid-trial: it has reported at least once
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = running[0]
+    proc.wait()
+    assert killed is not None, "no trial reached the middle in time"
+
+    r = cli("sweep", str(f), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = journal_study(tmp_path, "killme")
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[killed.number].state == TrialState.FAIL
+    retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == killed.params
+    assert counted(study) == 3 and sum(t.state == TrialState.COMPLETE for t in trials.values()) == 3
+    client, runs = mlflow_runs(tmp_path, "killme")
+    assert not [x for x in runs if x.info.status == "RUNNING"]
+    dead = client.get_run(killed.user_attrs["mlflow_run_id"])
+    assert dead.info.status == "FAILED" and dead.data.tags["optuna.state"] == "FAIL"
