@@ -6,6 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXP    ?= experiments/gpt.yaml
+SWEEP  ?= sweeps/default.yaml
+WORKERS ?= 1
 SET    ?=
 MODEL  ?= mlruns/best
 PORT   ?= 5000
@@ -28,6 +30,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP) ## create .venv and install pinned requirements (done on first use by every target)
 
+sweep: $(STAMP) ## run or resume an Optuna study: make sweep SWEEP=sweeps/smoke.yaml WORKERS=2
+	$(PY) -m charlm sweep $(SWEEP) --workers $(WORKERS)
+
+best: $(STAMP) ## retrain the study's best trial with the full budget over seeds, test it, save to mlruns/best/<study>/
+	$(PY) -m charlm best $(SWEEP)
+
 train: $(STAMP) ## train one model: make train EXP=experiments/gpt.yaml SET="train.lr=1e-3 train.max_steps=500"
 	$(PY) -m charlm train $(EXP) $(SET_ARGS)
 
@@ -46,7 +54,7 @@ test-slow: $(STAMP) ## the long tests (full trainings, process kills)
 bench: $(STAMP) ## training tokens/s, fp32 vs bf16, against this machine's measured matmul peak
 	$(PY) bench/speed.py
 
-ui: $(STAMP) ## MLflow UI on http://$(HOST):$(PORT) to compare runs
+ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 (HOST=, PORT= to change) to compare runs
 	mkdir -p mlruns
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT)
 
@@ -54,4 +62,4 @@ clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install train sample eval test test-slow bench ui clean
+.PHONY: help install sweep best train sample eval test test-slow bench ui clean

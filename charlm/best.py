@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import optuna
 import torch
 from optuna.trial import TrialState
 
@@ -21,7 +22,7 @@ from charlm import checkpoint, config
 from charlm.config import dump_yaml
 from charlm.errors import CharlmError
 from charlm.models import generate
-from charlm.space import SweepSpec
+from charlm.space import SweepSpec, suggest
 from charlm.sweep import default_storage, open_study, redact
 from charlm.tracking import MlflowTracker
 from charlm.train import train
@@ -42,7 +43,9 @@ def best_config(spec: SweepSpec, study) -> tuple[config.Config, object]:
         raise CharlmError(f"No completed trial in study '{spec.study.name}' yet; run "
                           f"`make sweep SWEEP={spec.path}` first")
     trial = study.best_trial
-    cfg = spec.trial_config(trial.params, trial.number)
+    # replaying the trial's params through the space restores values fixed under a `when`
+    values = suggest(optuna.trial.FixedTrial(trial.params, trial.number), spec)
+    cfg = spec.trial_config(values, trial.number)
     m = spec.best.budget_multiplier
     cfg = config.override(cfg, {"train.max_steps": max(1, int(round(cfg.train.max_steps * m))),
                                 "train.max_minutes": cfg.train.max_minutes * m}, where=f"{spec.path} (best budget)")

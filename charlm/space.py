@@ -11,6 +11,7 @@ space:
   train.lr: {float: [1.0e-4, 3.0e-3], log: true}
   when:
     "model.kind == gpt": {model.n_layer: {int: [1, 4]}}
+    "model.kind == ff": {model.n_embd: 16}   # a plain value: fixed when the condition holds
 best: {budget_multiplier: 3, seeds: [0, 1, 2]}
 ```
 
@@ -77,7 +78,7 @@ class BestSpec:
 @dataclass(frozen=True)
 class Param:
     key: str  # a config key, e.g. train.lr
-    kind: str  # choice | int | float
+    kind: str  # choice | int | float | fixed (a plain value under a `when`: not searched)
     choices: tuple = ()
     low: float = 0
     high: float = 0
@@ -86,7 +87,9 @@ class Param:
     when: tuple[str, tuple] | None = None  # (key, allowed values) of the condition, if any
 
     def describe(self) -> str:
-        if self.kind == "choice":
+        if self.kind == "fixed":
+            text = f"fixed {self.choices[0]}"
+        elif self.kind == "choice":
             text = "choice " + ", ".join(map(str, self.choices))
         else:
             text = f"{self.kind} [{self.low}, {self.high}]" + (" log" if self.log else "") + (
@@ -97,7 +100,7 @@ class Param:
 
     def values(self) -> list:
         """Every value (choices, or an int/stepped range); used by grid search and checks."""
-        if self.kind == "choice":
+        if self.kind in ("choice", "fixed"):
             return list(self.choices)
         if self.kind == "int":
             step = int(self.step or 1)
@@ -330,12 +333,21 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
         if not isinstance(sub, dict) or not sub:
             raise _fail(path, f"space.when.{cond}", "a non-empty mapping of config keys to parameter specs", sub)
         for k, v in sub.items():
-            p = _param(path, str(k), v, when=(ckey, cvals))
-            if k in params or k in fixed:
+            if isinstance(v, dict):
+                p = _param(path, str(k), v, when=(ckey, cvals))
+            else:  # a plain value: fixed for the trials that meet the condition
+                _param(path, str(k), {"choice": [v]})  # same key checks as a searched parameter
+                p = Param(str(k), "fixed", choices=(v,), when=(ckey, cvals))
+            if k in params:
                 raise SweepError(f"'{k}' in {path} is searched both unconditionally and under '{cond}'; "
                                  "keep it in one place")
+            if k in fixed and p.kind != "fixed":  # a plain value under a condition may override `fixed`
+                raise SweepError(f"'{k}' in {path} is both fixed and searched under '{cond}'; keep it in one place")
             for q in conditional:
-                if q.key == k and dataclasses.replace(q, when=None) != dataclasses.replace(p, when=None):
+                if q.key == k and q.when == p.when:
+                    raise SweepError(f"'{k}' appears twice under '{cond}' in {path}")
+                if (q.key == k and "fixed" not in (q.kind, p.kind)
+                        and dataclasses.replace(q, when=None) != dataclasses.replace(p, when=None)):
                     raise SweepError(f"'{k}' in {path} has different ranges under different conditions; "
                                      "Optuna needs one distribution per parameter name")
             conditional.append(p)
@@ -390,7 +402,7 @@ def _check_configs(spec: SweepSpec) -> None:
 
 
 def _low(p: Param):
-    return p.choices[0] if p.kind == "choice" else p.low
+    return p.choices[0] if p.kind in ("choice", "fixed") else p.low
 
 
 def _candidates(active: list[Param], base: config.Config, key: str) -> list:
@@ -416,7 +428,9 @@ def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
     for p in spec.space:
         if p.when is not None and values.get(p.when[0]) not in p.when[1]:
             continue
-        if p.kind == "choice":
+        if p.kind == "fixed":
+            values[p.key] = p.choices[0]
+        elif p.kind == "choice":
             values[p.key] = trial.suggest_categorical(p.key, list(p.choices))
         elif p.kind == "int":
             values[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
@@ -426,7 +440,7 @@ def suggest(trial, spec: SweepSpec) -> dict[str, Any]:
 
 
 def grid_space(spec: SweepSpec) -> dict[str, list]:
-    return {p.key: p.values() for p in spec.space}
+    return {p.key: p.values() for p in spec.space if p.kind != "fixed"}
 
 
 def space_size(spec: SweepSpec) -> float:

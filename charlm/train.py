@@ -86,13 +86,19 @@ def autocast_for(precision: str, device: str) -> torch.autocast | None:
     return torch.autocast(device_type=device, dtype=torch.bfloat16) if use else None
 
 
-def lr_at(step: int, cfg) -> float:
-    """Learning rate for the update with 0-based index ``step``."""
+def lr_at(step: int, cfg, elapsed: float = 0.0) -> float:
+    """Learning rate for the update with 0-based index ``step``, ``elapsed`` seconds into training.
+
+    The decay follows whichever budget runs out first: with ``max_minutes`` set, a run cut by
+    the clock still ends at the low learning rate instead of stopping mid-schedule."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     floor = t.lr * t.min_lr_ratio
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    if t.max_minutes > 0:
+        progress = max(progress, elapsed / (t.max_minutes * 60))
+    progress = min(1.0, progress)
     if t.schedule == "cosine":
         return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * progress))
     if t.schedule == "linear":
@@ -169,7 +175,7 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
     model.train()
     try:
         while step < cfg.train.max_steps:
-            lr = lr_at(step, cfg)
+            lr = lr_at(step, cfg, time.perf_counter() - t0)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x, y = batches.next()

@@ -308,3 +308,23 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     assert not [x for x in runs if x.info.status == "RUNNING"]
     dead = client.get_run(killed.user_attrs["mlflow_run_id"])
     assert dead.info.status == "FAILED" and dead.data.tags["optuna.state"] == "FAIL"
+
+
+def test_values_fixed_under_a_condition_apply_to_trials_and_to_best():
+    from charlm.best import best_config
+    from charlm.space import suggest
+
+    spec = load_sweep(SMOKE)
+    study = optuna.create_study()
+    for kind, value in (("ff", 3.0), ("gpt", 3.5)):
+        study.enqueue_trial({"model.kind": kind})
+        trial = study.ask()
+        values = suggest(trial, spec)
+        study.tell(trial, value)
+        assert values["model.kind"] == kind
+        assert values.get("model.n_embd") == (16 if kind == "ff" else None)
+        assert "model.n_embd" not in study.trials[-1].params  # not an Optuna parameter
+        assert spec.trial_config(values, trial.number).model.n_embd == (16 if kind == "ff" else 32)
+    cfg, best = best_config(spec, study)
+    assert best.params["model.kind"] == "ff" and cfg.model.n_embd == 16
+    assert cfg.train.max_steps == round(spec.base_config().train.max_steps * spec.best.budget_multiplier)
