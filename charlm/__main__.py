@@ -29,12 +29,24 @@ def cmd_train(args) -> int:
     corpus = load_corpus(cfg.data)  # fail on data problems before a run is created
     from charlm.train import train
 
+    def keep(result) -> str | None:
+        """Copy the best checkpoint to --out before the run's scratch folder goes away."""
+        if args.out and result.checkpoint:
+            import shutil
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            dest = Path(args.out) / "model.pt"
+            shutil.copyfile(result.checkpoint, dest.with_suffix(".pt.tmp"))
+            dest.with_suffix(".pt.tmp").replace(dest)
+            return str(dest)
+        return None
+
     if args.no_track:
         from charlm.tracking import NullTracker
 
-        tracker = NullTracker(args.out) if args.out else NullTracker()
-        result = train(cfg, tracker, corpus=corpus)
-        where = str(result.checkpoint)
+        scratch = NullTracker()  # holds the checkpoint until keep() has copied it
+        result = train(cfg, scratch, corpus=corpus)
+        where = keep(result) or "not kept (use --out DIR, or drop --no-track to keep it in MLflow)"
     else:
         from charlm.tracking import MlflowTracker
 
@@ -42,11 +54,8 @@ def cmd_train(args) -> int:
             print(f"MLflow run {tracker.run_id} in experiment '{cfg.experiment}' ({tracker.uri})", file=sys.stderr)
             result = train(cfg, tracker, corpus=corpus)
             where = tracker.artifact_uri("model/model.pt") if result.checkpoint else "none"
-            if args.out and result.checkpoint:
-                from charlm.checkpoint import load, save
-
-                ck = load(result.checkpoint)
-                save(Path(args.out) / "model.pt", ck.model, ck.cfg, ck.vocab, ck.meta)
+            kept = keep(result)
+            where += f" (and {kept})" if kept else ""
     print(f"{cfg.model.kind}: {result.n_params:,} params, {result.steps} steps in {result.train_seconds:.0f}s, "
           f"stop: {result.stop_reason}")
     print(f"best val loss {result.best_val_loss:.4f} nats/char ({result.best_val_bpc:.4f} bpc) at step "

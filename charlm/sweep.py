@@ -309,10 +309,15 @@ def fail_dead_trials(session: Session) -> list[int]:
                 client.set_tag(run_id, "stop_reason", "error")
                 client.set_tag(run_id, "error", f"worker pid {attrs.get('charlm.pid')} on {attrs.get('charlm.host')} died")
                 client.set_terminated(run_id, status="FAILED")
-        history = list(t.user_attrs.get("retry_history", [])) + [t.number]
-        if len(history) <= MAX_RETRIES:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retry_history": history})
+        _requeue(study, t)
     return dead
+
+
+def _requeue(study: optuna.Study, t) -> None:
+    """Queue a failed trial's parameters again (at most MAX_RETRIES times along one chain)."""
+    history = list(t.user_attrs.get("retry_history", [])) + [t.number]
+    if len(history) <= MAX_RETRIES:
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retry_history": history})
 
 
 class Heartbeat:
@@ -399,8 +404,10 @@ def run_trial(session: Session, trial) -> TrialState:
             study.tell(trial, state=state)
         return state
     except (KeyboardInterrupt, SystemExit):
+        # interrupted, not broken: fail it and queue the same parameters for the next call
         with contextlib.suppress(Exception):
             study.tell(trial, state=TrialState.FAIL)
+            _requeue(study, study.trials[trial.number])
             if tracker is not None:
                 tracker.set_tags({"optuna.state": "FAIL", "stop_reason": "interrupted"})
         raise

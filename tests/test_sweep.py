@@ -328,3 +328,25 @@ def test_values_fixed_under_a_condition_apply_to_trials_and_to_best():
     cfg, best = best_config(spec, study)
     assert best.params["model.kind"] == "ff" and cfg.model.n_embd == 16
     assert cfg.train.max_steps == round(spec.base_config().train.max_steps * spec.best.budget_multiplier)
+
+
+def test_storage_urls_never_show_passwords():
+    from charlm.errors import CharlmError
+    from charlm.sweep import redact
+
+    assert redact("postgresql://alice:s3cret@db.example:5432/optuna") == "postgresql://alice:***@db.example:5432/optuna"
+    with pytest.raises(CharlmError) as e:
+        open_storage("postgresql://alice:s3cret@127.0.0.1:9/optuna")  # nothing listens on port 9
+    assert "s3cret" not in str(e.value) and "alice:***@127.0.0.1:9" in str(e.value)
+
+
+def test_sqlite_storage_prepared_once_for_two_workers(tmp_path):
+    """Any Optuna URL works; SQLite is created by the coordinator before the workers open it."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    r = cli("sweep", str(SMOKE), "--workers", "2", "--n-trials", "4", "--storage", url, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="smoke", storage=url)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    _, runs = mlflow_runs(tmp_path, "smoke")
+    assert len([x for x in runs if x.data.tags.get("mlflow.parentRunId")]) == 4
