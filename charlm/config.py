@@ -33,7 +33,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "gpt"  # gpt | ff; both obey forward(idx, targets=None) -> (logits, loss)
+    kind: str = "gpt"  # gpt | ff | ngram; all obey forward(idx, targets=None) -> (logits, loss)
     n_embd: int = 128  # width of character embeddings (and of the transformer residual stream)
     n_layer: int = 4  # gpt: transformer blocks
     n_head: int = 4  # gpt: attention heads; must divide n_embd
@@ -81,7 +81,7 @@ class Config:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 CHOICES = {
-    "model.kind": ("gpt", "ff"),
+    "model.kind": ("gpt", "ff", "ngram"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.schedule": ("cosine", "linear", "constant"),

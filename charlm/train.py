@@ -45,7 +45,7 @@ class RunResult:
     best_val_loss: float  # full pass over val with the restored best weights
     test_loss: float  # full pass over test with the same weights
     best_step: int | None
-    stop_reason: str  # early_stop | max_steps | max_minutes | diverged | whatever on_eval returned
+    stop_reason: str  # early_stop | max_steps | max_minutes | diverged | fitted (count models) | on_eval's reason
     steps: int
     early_stop_step: int | None
     train_seconds: float
@@ -141,7 +141,12 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
     model = build_model(cfg, len(corpus.vocab)).to(device)
     n_params = count_params(model)
     amp = autocast_for(cfg.train.precision, device)
-    optimizer = make_optimizer(model, cfg, device)
+    t_fit = time.perf_counter()
+    if hasattr(model, "fit"):  # count-based models (ngram) learn from the whole split in one pass
+        model.fit(corpus.train)
+    fit_seconds = time.perf_counter() - t_fit
+    trainable = any(p.requires_grad for p in model.parameters())
+    optimizer = make_optimizer(model, cfg, device) if trainable else None
     batches = Batcher(corpus.train, cfg.data.context, cfg.train.batch_size, cfg.train.seed, device)
     eval_data = corpus.val[: cfg.train.eval_chars] if cfg.train.eval_chars else corpus.val
     tokens_per_step = cfg.train.batch_size * batches.length
@@ -171,10 +176,34 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
     t0 = time.perf_counter()
     t_window, tokens_window = t0, 0
     step = 0
-    bar = _progress(cfg.train.max_steps)
+
+    def evaluate(step: int, lr: float, tokens_per_sec: float) -> tuple[float, bool]:
+        """One intermediate evaluation: metrics, the patience rule, the best checkpoint."""
+        nonlocal best_state, eval_seconds
+        te = time.perf_counter()
+        val = full_pass(model, eval_data, cfg.train.eval_stride, cfg.train.eval_batch_size, device, amp)
+        eval_seconds += time.perf_counter() - te
+        fired = stop.update(step, val.loss)
+        if stop.best_step == step:
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            checkpoint.save(ckpt_path, model, cfg, corpus.vocab, _meta(cfg, corpus, step, val.loss, n_params))
+        row = {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_bpc": val.bpc, "lr": lr,
+               "tokens_per_sec": tokens_per_sec}
+        if train_losses:
+            row["train_loss"] = sum(train_losses) / len(train_losses)
+            train_losses.clear()
+        history.append({"step": step, **row})
+        tracker.log_metrics(row, step=step)
+        tracker.flush()
+        return val.loss, fired
+
+    if not trainable:  # nothing to optimise: one evaluation of the fitted model
+        evaluate(0, 0.0, len(corpus.train) / max(fit_seconds, 1e-9))
+        stop_reason = "fitted"
+    bar = _progress(cfg.train.max_steps if trainable else 0)
     model.train()
     try:
-        while step < cfg.train.max_steps:
+        while trainable and step < cfg.train.max_steps:
             lr = lr_at(step, cfg, time.perf_counter() - t0)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -199,26 +228,14 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
             out_of_time = cfg.train.max_minutes > 0 and elapsed >= cfg.train.max_minutes * 60
             if step % cfg.train.validation_interval == 0 or step == cfg.train.max_steps or out_of_time:
                 tokens_per_sec = tokens_window / max(1e-9, time.perf_counter() - t_window)
-                te = time.perf_counter()
-                val = full_pass(model, eval_data, cfg.train.eval_stride, cfg.train.eval_batch_size, device, amp)
-                eval_seconds += time.perf_counter() - te
                 train_loss = sum(train_losses) / len(train_losses)
-                train_losses.clear()
-                fired = stop.update(step, val.loss)
-                if stop.best_step == step:
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    checkpoint.save(ckpt_path, model, cfg, corpus.vocab, _meta(cfg, corpus, step, val.loss, n_params))
-                row = {"train_loss": train_loss, "val_loss": val.loss, "val_perplexity": val.perplexity,
-                       "val_bpc": val.bpc, "lr": lr, "tokens_per_sec": tokens_per_sec}
-                history.append({"step": step, **row})
-                tracker.log_metrics(row, step=step)
-                tracker.flush()
-                bar.set_postfix(val=f"{val.loss:.4f}", best=f"{stop.best:.4f}")
-                if not math.isfinite(val.loss):
+                val_loss, fired = evaluate(step, lr, tokens_per_sec)
+                bar.set_postfix(val=f"{val_loss:.4f}", best=f"{stop.best:.4f}")
+                if not math.isfinite(val_loss):
                     stop_reason = "diverged"
                     break
                 if on_eval is not None:
-                    reason = on_eval(EvalEvent(step, val.loss, train_loss, stop.best, lr, tokens_per_sec,
+                    reason = on_eval(EvalEvent(step, val_loss, train_loss, stop.best, lr, tokens_per_sec,
                                                time.perf_counter() - t0))
                     if reason:
                         stop_reason = reason
@@ -252,7 +269,7 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
         "test_loss": test_full.loss, "test_bpc": test_full.bpc, "test_perplexity": test_full.perplexity,
         "stopped_early": float(stop_reason == "early_stop"), "train_seconds": train_seconds,
         "eval_seconds": eval_seconds, "eval_share": eval_seconds / max(train_seconds, 1e-9),
-        "final_eval_seconds": final_eval_seconds, "steps": step,
+        "final_eval_seconds": final_eval_seconds, "steps": step, "fit_seconds": fit_seconds,
     }
     if stop.best_step is not None:
         final["best_step"] = stop.best_step
@@ -303,7 +320,7 @@ def _log_curve(history: list[dict], stop: Patience, stop_reason: str, tracker) -
 
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [h["train_loss"] for h in history], label="train (mean since last eval)")
+    ax.plot(steps, [h.get("train_loss", math.nan) for h in history], label="train (mean since last eval)")
     ax.plot(steps, [h["val_loss"] for h in history], label="val (fixed slice)")
     if stop.best_step is not None:
         ax.axvline(stop.best_step, color="green", ls=":", label=f"best step {stop.best_step}")

@@ -9,8 +9,9 @@ import torch.nn as nn
 from charlm.config import Config
 from charlm.models.ff import FeedForward
 from charlm.models.gpt import GPT
+from charlm.models.ngram import NGram
 
-REGISTRY: dict[str, type[nn.Module]] = {"gpt": GPT, "ff": FeedForward}
+REGISTRY: dict[str, type[nn.Module]] = {"gpt": GPT, "ff": FeedForward, "ngram": NGram}
 
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
