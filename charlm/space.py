@@ -13,6 +13,7 @@ space:
     "model.kind == gpt": {model.n_layer: {int: [1, 4]}}
     "model.kind == ff": {model.n_embd: 16}   # a plain value: fixed when the condition holds
 best: {budget_multiplier: 3, seeds: [0, 1, 2]}
+baseline: experiments/ngram.yaml    # logged once beside the trials: the floor to beat
 ```
 
 Every mistake is a :class:`SweepError` naming the file, the key and what was expected, raised
@@ -121,6 +122,7 @@ class SweepSpec:
     fixed: dict = field(default_factory=dict)
     space: tuple[Param, ...] = ()
     best: BestSpec = field(default_factory=BestSpec)
+    baseline: str = ""  # an experiment logged once beside the trials (e.g. the n-gram floor)
 
     def base_config(self) -> config.Config:
         cfg = config.load(self.base) if self.base else config.Config()
@@ -133,7 +135,7 @@ class SweepSpec:
 
 
 _SECTIONS = {"study": StudySpec, "sampler": SamplerSpec, "pruner": PrunerSpec, "best": BestSpec}
-_TOP = ("study", "sampler", "pruner", "base", "fixed", "space", "best")
+_TOP = ("study", "sampler", "pruner", "base", "fixed", "space", "best", "baseline")
 _CHOICES = {"study.direction": ("minimize", "maximize"), "study.metric": ("val_loss",),
             "sampler.type": SAMPLERS, "pruner.type": PRUNERS, "pruner.reference": REFERENCES}
 _COND = re.compile(r"^\s*([\w.]+)\s*(==|in)\s*(.+?)\s*$")
@@ -293,18 +295,13 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
     if best.budget_multiplier <= 0:
         raise _fail(path, "best.budget_multiplier", "a number > 0", best.budget_multiplier)
 
-    base = doc.get("base") or ""
-    if not isinstance(base, str):
-        raise _fail(path, "base", "a path to an experiment YAML", base)
-    if base:
-        # as written (from the cwd), else beside the sweep file, else from the folder above it
-        # (sweeps/x.yaml naming experiments/y.yaml works from anywhere)
-        here = Path(path).resolve().parent
-        found = next((c for c in (Path(base), here / base, here.parent / base) if c.is_file()), None)
-        if found is None:
-            raise SweepError(f"Base experiment '{base}' named in {path} not found (give a path from the "
-                             f"repository root, e.g. experiments/gpt.yaml)")
-        base = str(found)
+    base = _experiment_path(path, "base", doc.get("base"))
+    baseline = _experiment_path(path, "baseline", doc.get("baseline"))
+    if baseline:
+        try:
+            config.load(baseline)
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
 
     fixed = doc.get("fixed") or {}
     if not isinstance(fixed, dict):
@@ -359,9 +356,24 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
             if p.kind == "float" and not p.step:
                 raise _fail(path, f"space.{p.key}", "a choice or a stepped range for grid search", p.describe())
     spec = SweepSpec(path=path, study=study, sampler=sampler, pruner=pruner, base=base,
-                     fixed=dict(fixed), space=space, best=best)
+                     fixed=dict(fixed), space=space, best=best, baseline=baseline)
     _check_configs(spec)
     return spec
+
+
+def _experiment_path(path: str, key: str, value: Any) -> str:
+    """An experiment named in a sweep: as written (from the cwd), else beside the sweep file, else
+    from the folder above it, so sweeps/x.yaml naming experiments/y.yaml works from anywhere."""
+    if not value:
+        return ""
+    if not isinstance(value, str):
+        raise _fail(path, key, "a path to an experiment YAML", value)
+    here = Path(path).resolve().parent
+    found = next((c for c in (Path(value), here / value, here.parent / value) if c.is_file()), None)
+    if found is None:
+        raise SweepError(f"{key.capitalize()} experiment '{value}' named in {path} not found (give a path from "
+                         f"the repository root, e.g. experiments/gpt.yaml)")
+    return str(found)
 
 
 def _check_configs(spec: SweepSpec) -> None:

@@ -235,8 +235,11 @@ def prepare(spec: SweepSpec, storage_url: str) -> Session:
                           f"{spec.path} asks for {spec.study.direction}. Rename the study to start afresh")
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
-        client.update_run(parent, status="RUNNING")
-    else:
+        try:
+            client.update_run(parent, status="RUNNING")
+        except Exception:  # the MLflow store was reset while the study survived: start a new parent
+            parent = None
+    if not parent:
         from charlm.tracking import git_commit
 
         run = client.create_run(exp_id, run_name=f"study-{spec.study.name}", tags={
@@ -250,7 +253,23 @@ def prepare(spec: SweepSpec, storage_url: str) -> Session:
         client.log_batch(parent, params=[Param("sweep_file", spec.path), Param("storage", redact(storage_url)),
                                          Param("sampler", spec.sampler.type), Param("pruner", spec.pruner.type),
                                          Param("n_trials", str(spec.study.n_trials))])
-    return Session(spec, storage_url, study, parent)
+    session = Session(spec, storage_url, study, parent)
+    if spec.baseline and not study.user_attrs.get("mlflow_baseline_run_id"):
+        log_baseline(session)
+    return session
+
+
+def log_baseline(session: Session) -> None:
+    """Train the sweep's baseline experiment once, as a run beside the trials (not a trial)."""
+    spec = session.spec
+    cfg = config.load(spec.baseline)
+    cfg = config.override(cfg, {"experiment": spec.study.name}, where=spec.baseline)
+    tags = {"charlm.role": "baseline", "charlm.study_run": session.parent_run_id, "optuna.study_name": spec.study.name}
+    with MlflowTracker(spec.study.name, f"baseline-{cfg.name}", tags=tags) as tracker:
+        result = train(cfg, tracker, corpus=_corpus(cfg))
+    session.study.set_user_attr("mlflow_baseline_run_id", tracker.run_id)
+    print(f"baseline {cfg.name} ({cfg.model.kind}): val {result.best_val_loss:.4f}, test {result.test_loss:.4f} "
+          f"nats/char; MLflow run {tracker.run_id}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- accounting

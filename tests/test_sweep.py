@@ -214,6 +214,11 @@ def test_two_workers_optuna_and_mlflow_agree(smoke_sweep):
             assert t.value == min(t.intermediate_values.values())  # its best, not its last
         else:
             assert run.data.metrics["best_val_loss"] == pytest.approx(t.value)
+    # the n-gram floor is logged once, beside the trials, in the same experiment
+    baselines = [x for x in runs if x.data.tags.get("charlm.role") == "baseline"]
+    assert len(baselines) == 1 and baselines[0].data.params["model.kind"] == "ngram"
+    assert baselines[0].data.tags["stop_reason"] == "fitted" and "test_loss" in baselines[0].data.metrics
+    assert study.user_attrs["mlflow_baseline_run_id"] == baselines[0].info.run_id
     # the parent run carries the study summary
     parent = parents[0]
     assert parent.data.metrics["n_complete"] == sum(s == TrialState.COMPLETE for s in states)
@@ -225,15 +230,17 @@ def test_two_workers_optuna_and_mlflow_agree(smoke_sweep):
 
 def test_resume_counts_the_total_across_calls(smoke_sweep):
     cwd, _ = smoke_sweep
+    n = load_sweep(SMOKE).study.n_trials
     r = cli("sweep", str(SMOKE), cwd=cwd)  # already at its total: runs nothing
     assert r.returncode == 0, r.stderr
-    assert len(journal_study(cwd, "smoke").trials) == 6
-    r = cli("sweep", str(SMOKE), "--n-trials", "7", cwd=cwd)
+    assert len(journal_study(cwd, "smoke").trials) == n
+    r = cli("sweep", str(SMOKE), "--n-trials", str(n + 1), cwd=cwd)
     assert r.returncode == 0, r.stderr
     study = journal_study(cwd, "smoke")
-    assert len(study.trials) == 7
+    assert len(study.trials) == n + 1
     _, runs = mlflow_runs(cwd, "smoke")
     assert sum(1 for x in runs if x.data.tags.get("charlm.role") == "study") == 1  # parent reused
+    assert sum(1 for x in runs if x.data.tags.get("charlm.role") == "baseline") == 1  # not re-run
 
 
 def test_best_retrains_saves_and_evaluates(smoke_sweep):
