@@ -46,9 +46,14 @@ def best_config(spec: SweepSpec, study) -> tuple[config.Config, object]:
     # replaying the trial's params through the space restores values fixed under a `when`
     values = suggest(optuna.trial.FixedTrial(trial.params, trial.number), spec)
     cfg = spec.trial_config(values, trial.number)
+    # A longer budget stretches the learning-rate schedule; evaluations are spaced in proportion,
+    # so the same patience (in evaluations) covers the same fraction of the run as in the trial
+    # instead of firing while the learning rate is still high.
     m = spec.best.budget_multiplier
     cfg = config.override(cfg, {"train.max_steps": max(1, int(round(cfg.train.max_steps * m))),
-                                "train.max_minutes": cfg.train.max_minutes * m}, where=f"{spec.path} (best budget)")
+                                "train.max_minutes": cfg.train.max_minutes * m,
+                                "train.validation_interval": max(1, int(round(cfg.train.validation_interval * m)))},
+                          where=f"{spec.path} (best budget)")
     return replace(cfg, name=f"best-{spec.study.name}"), trial
 
 

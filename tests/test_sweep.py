@@ -253,7 +253,8 @@ def test_best_retrains_saves_and_evaluates(smoke_sweep):
     assert metrics["seeds"] == [0, 1] and len(metrics["runs"]) == 2
     study = journal_study(cwd, "smoke")
     assert metrics["trial"] == study.best_trial.number
-    assert config.load(out / "config.yaml").train.max_steps == round(60 * 1.5)
+    saved = config.load(out / "config.yaml").train
+    assert saved.max_steps == round(60 * 1.5) and saved.validation_interval == round(10 * 1.5)
     text = cwd / "t.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
     r = cli("eval", "--model", str(out), "--text", str(text), "--json", cwd=cwd)
