@@ -46,16 +46,12 @@ def best_config(spec: SweepSpec, study) -> tuple[config.Config, object]:
     # replaying the trial's params through the space restores values fixed under a `when`
     values = suggest(optuna.trial.FixedTrial(trial.params, trial.number), spec)
     cfg = spec.trial_config(values, trial.number)
-    # The retrain runs its whole budget: no early stop (the best weights are still the ones kept).
-    # Measured on the default study: a cosine schedule stretched 2.5x makes its big gains while it
-    # anneals, and any patience rule fired before that, at val 1.62-1.64 for every seed, whether
-    # with the trial's 0.75% margin or with none (3.4-8.5k steps), worse than the 2-minute trial
-    # itself (1.598). Early stopping is a search-time economy; the retrain is the real run.
+    # A longer budget stretches the learning-rate schedule; evaluations are spaced in proportion,
+    # so the trial's stopping rule (patience, margin) spans the same share of the run.
     m = spec.best.budget_multiplier
     cfg = config.override(cfg, {"train.max_steps": max(1, int(round(cfg.train.max_steps * m))),
                                 "train.max_minutes": cfg.train.max_minutes * m,
-                                "train.validation_interval": max(1, int(round(cfg.train.validation_interval * m))),
-                                "train.patience": 0},
+                                "train.validation_interval": max(1, int(round(cfg.train.validation_interval * m)))},
                           where=f"{spec.path} (best budget)")
     return replace(cfg, name=f"best-{spec.study.name}"), trial
 

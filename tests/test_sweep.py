@@ -255,7 +255,7 @@ def test_best_retrains_saves_and_evaluates(smoke_sweep):
     assert metrics["trial"] == study.best_trial.number
     saved = config.load(out / "config.yaml").train
     assert saved.max_steps == round(60 * 1.5) and saved.validation_interval == round(10 * 1.5)
-    assert saved.patience == 0  # the retrain runs its whole budget
+    assert saved.patience == study.best_trial.params["train.patience"]  # the trial's stopping rule kept
     text = cwd / "t.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
     r = cli("eval", "--model", str(out), "--text", str(text), "--json", cwd=cwd)
