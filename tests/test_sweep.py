@@ -285,6 +285,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     doc["fixed"]["train.max_steps"] = 400  # long enough to be killed in the middle
     doc["pruner"] = {"type": "none"}
     doc["space"] = {"train.lr": {"float": [1e-3, 3e-3], "log": True}}
+    doc.pop("baseline", None)
     f = tmp_path / "killme.yaml"
     f.write_text(yaml.safe_dump(doc))
     proc = subprocess.Popen([PYTHON, "-m", "charlm", "sweep", str(f)], cwd=tmp_path,
@@ -292,7 +293,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     journal = tmp_path / "mlruns" / "optuna" / "killme.journal"
     deadline = time.time() + 120
     killed = None
-    while time.time() < deadline and killed is None:
+    while time.time() < deadline and killed is None and proc.poll() is None:
         time.sleep(0.5)
         if not journal.exists():
             continue
@@ -302,7 +303,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             killed = running[0]
     proc.wait()
-    assert killed is not None, "no trial reached the middle in time"
+    assert killed is not None, f"no trial reached the middle in time (sweep exited with {proc.returncode})"
 
     r = cli("sweep", str(f), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
