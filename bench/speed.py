@@ -148,6 +148,8 @@ def main() -> int:
         fpt = model.flops_per_token(cfg.data.context)
         rows = [("fp32", False), ("bf16", False)] + ([("fp32", True)] if cfg.model.kind == "gpt" else [])
         for prec, baseline in rows:
+            if baseline:
+                n = sum(p.numel() for p in BaselineTransformer(cfg).parameters())  # its own count
             tps = train_speed(cfg, prec == "bf16", args.steps, baseline=baseline)
             speeds[(path, prec + ("-baseline" if baseline else ""))] = tps
             flops = tps * fpt
