@@ -95,7 +95,7 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
 def all_keys() -> list[str]:
     """Every dotted key a user may set, e.g. ``train.lr``."""
     keys = []
-    for name, f in _fields(Config).items():
+    for name in _fields(Config):
         if name in SECTIONS:
             keys += [f"{name}.{k}" for k in _fields(SECTIONS[name])]
         else:

@@ -31,10 +31,9 @@ import optuna
 from optuna.trial import TrialState
 
 from charlm import config
-from charlm.config import ConfigError
 from charlm.data import Corpus, load_corpus
 from charlm.errors import CharlmError
-from charlm.space import SweepSpec, grid_space, load_sweep, suggest
+from charlm.space import SweepSpec, grid_space, suggest
 from charlm.stopping import Patience
 from charlm.tracking import MlflowTracker, get_or_create_experiment, tracking_uri
 from charlm.train import train
@@ -653,5 +652,3 @@ def dry_run(spec: SweepSpec, n: int = 3) -> str:
         lines.append(f"          -> {cfg.model.kind}, context {cfg.data.context}, max_steps {cfg.train.max_steps}")
     return "\n".join(lines)
 
-
-__all__ = ["load_sweep", "run", "dry_run", "PatiencePruner", "ConfigError"]

@@ -1,6 +1,5 @@
 import dataclasses
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -1,4 +1,3 @@
-import pytest
 
 from charlm.stopping import Patience
 from charlm.train import train
