@@ -247,6 +247,12 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
                     stop_reason = "max_minutes"
                     break
                 t_window, tokens_window = time.perf_counter(), 0
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C / SIGTERM: keep the best checkpoint so far with the run before it ends KILLED
+        tracker.set_tags({"stop_reason": "interrupted"})
+        if best_state is not None:
+            tracker.log_artifact(ckpt_path, "model")
+        raise
     finally:
         bar.close()
     train_seconds = time.perf_counter() - t0

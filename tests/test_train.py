@@ -123,3 +123,37 @@ def test_ff_trains_and_beats_unigram(tiny_cfg):
                               train=dataclasses.replace(tiny_cfg.train, max_steps=150, validation_interval=50))
     res = train(cfg, NullTracker())
     assert res.best_val_loss < 3.0  # unigram entropy of this text is about 3.3 nats
+
+
+def test_ctrl_c_ends_the_run_killed_and_keeps_the_best_checkpoint(tiny_text, tmp_path):
+    import os
+    import signal
+    import time
+
+    exp = tmp_path / "long.yaml"
+    exp.write_text(f"experiment: ctrlc\ndata: {{path: '{tiny_text}', context: 16}}\n"
+                   "model: {n_layer: 1, n_embd: 32, n_head: 2}\n"
+                   "train: {max_steps: 100000, validation_interval: 20, eval_chars: 500, threads: 1}\n")
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    proc = subprocess.Popen([PYTHON, "-m", "charlm", "train", str(exp)], cwd=tmp_path,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client, run_id = MlflowClient(uri), None
+    deadline = time.time() + 120
+    while run_id is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if not (tmp_path / "mlruns" / "mlflow.db").exists():
+            continue
+        found = client.get_experiment_by_name("ctrlc")
+        runs = client.search_runs([found.experiment_id]) if found else []
+        if runs and "val_loss" in runs[0].data.metrics:  # at least one evaluation, so a best checkpoint
+            run_id = runs[0].info.run_id
+    assert run_id, f"training never reached an evaluation: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}"
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    assert proc.wait(timeout=30) == 130
+    assert time.time() - t0 < 10
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "interrupted"
+    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.pt"]
+    assert checkpoint.load(client.download_artifacts(run_id, "model/model.pt")).meta["step"] >= 20
