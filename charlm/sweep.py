@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from charlm import config
 from charlm.data import Corpus, load_corpus
 from charlm.errors import CharlmError
-from charlm.space import SweepSpec, grid_space, suggest
+from charlm.space import SweepSpec, grid_space, space_size, suggest
 from charlm.stopping import Patience
 from charlm.tracking import MlflowTracker, get_or_create_experiment, tracking_uri
 from charlm.train import train
@@ -543,15 +543,23 @@ def _fmt(v):
 # ----------------------------------------------------------------------------- workers
 
 
+def target_trials(spec: SweepSpec) -> int:
+    """n_trials, or the grid's size when a grid search has fewer points (no point runs twice)."""
+    if spec.sampler.type == "grid":
+        return int(min(spec.study.n_trials, space_size(spec)))
+    return spec.study.n_trials
+
+
 def worker_loop(session: Session, deadline: float | None) -> int:
-    """Run trials until the study holds n_trials counted trials or the deadline passes."""
+    """Run trials until the study holds its target of counted trials or the deadline passes."""
     spec, study = session.spec, session.study
     lock = lock_path(spec, session.storage_url)
+    target = target_trials(spec)
     ran = 0
     while True:
         with file_lock(lock):
             fail_dead_trials(session)
-            if counted(study) >= spec.study.n_trials or (deadline and time.time() >= deadline):
+            if counted(study) >= target or (deadline and time.time() >= deadline):
                 break
             trial = study.ask()
         state = run_trial(session, trial)
@@ -575,7 +583,7 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> i
 
     session = prepare(spec, storage_url)
     print(f"study '{spec.study.name}' in {redact(storage_url)}; MLflow experiment '{spec.study.name}', "
-          f"parent run {session.parent_run_id}; {counted(session.study)}/{spec.study.n_trials} trials so far",
+          f"parent run {session.parent_run_id}; {counted(session.study)}/{target_trials(spec)} trials so far",
           file=sys.stderr)
     status = "FINISHED"
     try:

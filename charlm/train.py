@@ -168,6 +168,8 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
     ckpt_path = tracker.workdir / "model" / checkpoint.FILENAME
 
     stop = Patience(cfg.train.patience, cfg.train.min_relative_improvement)
+    # Worse than twice a uniform guess is no longer training (lr=10 lands near 10 nats, not at NaN)
+    diverged_above = 2 * math.log(len(corpus.vocab))
     history: list[dict] = []
     best_state: dict[str, torch.Tensor] | None = None
     stop_reason = "max_steps"
@@ -231,7 +233,7 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
                 train_loss = sum(train_losses) / len(train_losses)
                 val_loss, fired = evaluate(step, lr, tokens_per_sec)
                 bar.set_postfix(val=f"{val_loss:.4f}", best=f"{stop.best:.4f}")
-                if not math.isfinite(val_loss):
+                if not math.isfinite(val_loss) or val_loss > diverged_above:
                     stop_reason = "diverged"
                     break
                 if on_eval is not None:

@@ -360,3 +360,24 @@ def test_sqlite_storage_prepared_once_for_two_workers(tmp_path):
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
     _, runs = mlflow_runs(tmp_path, "smoke")
     assert len([x for x in runs if x.data.tags.get("mlflow.parentRunId")]) == 4
+
+
+def test_diverging_trials_fail_and_the_sweep_carries_on(tmp_path):
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc.pop("baseline", None)
+    doc["study"] = {"name": "wild", "n_trials": 4}
+    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    doc["fixed"]["train.warmup_steps"] = 0
+    doc["space"] = {"train.lr": {"choice": [10.0, 0.003]}}
+    doc["sampler"] = {"type": "grid"}
+    f = tmp_path / "wild.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    r = cli("sweep", str(f), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = journal_study(tmp_path, "wild")
+    by_lr = {t.params["train.lr"]: t for t in study.trials}
+    assert by_lr[10.0].state == TrialState.FAIL and by_lr[0.003].state == TrialState.COMPLETE
+    assert len(study.trials) == 2  # the grid has two points; the failure counts as a run trial
+    client, runs = mlflow_runs(tmp_path, "wild")
+    failed = client.get_run(by_lr[10.0].user_attrs["mlflow_run_id"])
+    assert failed.info.status == "FAILED" and failed.data.tags["stop_reason"] == "diverged"

@@ -157,3 +157,10 @@ def test_ctrl_c_ends_the_run_killed_and_keeps_the_best_checkpoint(tiny_text, tmp
     assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "interrupted"
     assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.pt"]
     assert checkpoint.load(client.download_artifacts(run_id, "model/model.pt")).meta["step"] >= 20
+
+
+def test_divergence_stops_the_run(tiny_cfg):
+    for lr in (10.0, 1e6):  # one drifts to ~10 nats, the other to NaN
+        cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, lr=lr, warmup_steps=0))
+        res = train(cfg, NullTracker())
+        assert res.stop_reason == "diverged" and res.steps <= 10, lr
