@@ -222,7 +222,13 @@ def open_study(spec: SweepSpec, storage_url: str, worker: int = 0, create: bool 
 
 
 def prepare(spec: SweepSpec, storage_url: str) -> Session:
-    """Create (or find) the MLflow experiment, the study and its parent run, once, before any worker."""
+    """Create (or find) the MLflow experiment, the study and its parent run, once, before any
+    worker; under the sweep's lock, so two `make sweep` started at once share one of each."""
+    with file_lock(lock_path(spec, storage_url)):
+        return _prepare(spec, storage_url)
+
+
+def _prepare(spec: SweepSpec, storage_url: str) -> Session:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()

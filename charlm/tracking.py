@@ -6,6 +6,8 @@ with one ``log_batch`` per evaluation: ``log_metric`` on SQLite costs millisecon
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import subprocess
@@ -164,8 +166,30 @@ class MlflowTracker:
         return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Two processes creating a fresh SQLite MLflow store at once corrupt it: serialise the first
+    touch (schema creation, experiment creation) with a lock file beside the database."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def get_or_create_experiment(client, name: str, uri: str) -> str:
     """The experiment's id, creating it (artifacts beside a SQLite store) if needed; race-safe."""
+    with store_lock(uri):
+        return _get_or_create_experiment(client, name, uri)
+
+
+def _get_or_create_experiment(client, name: str, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)

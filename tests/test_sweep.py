@@ -381,3 +381,22 @@ def test_diverging_trials_fail_and_the_sweep_carries_on(tmp_path):
     client, runs = mlflow_runs(tmp_path, "wild")
     failed = client.get_run(by_lr[10.0].user_attrs["mlflow_run_id"])
     assert failed.info.status == "FAILED" and failed.data.tags["stop_reason"] == "diverged"
+
+
+def test_two_sweeps_started_at_once_share_one_study(tmp_path):
+    """Two `make sweep` on the same study at the same moment: one study, one parent run, one
+    MLflow store, and together exactly n_trials trials."""
+    args = [PYTHON, "-m", "charlm", "sweep", str(SMOKE), "--n-trials", "6"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    study = journal_study(tmp_path, "smoke")
+    assert sorted(t.number for t in study.trials) == list(range(6))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    workers = {t.system_attrs.get("charlm.pid") for t in study.trials}
+    assert len(workers) == 2  # both contributed
+    _, runs = mlflow_runs(tmp_path, "smoke")
+    assert sum(1 for x in runs if x.data.tags.get("charlm.role") == "study") == 1
+    assert sum(1 for x in runs if x.data.tags.get("charlm.role") == "baseline") == 1
+    assert len([x for x in runs if x.data.tags.get("mlflow.parentRunId")]) == 6
