@@ -51,8 +51,9 @@ test: $(STAMP) ## the test suite (fast tests, a few minutes on 2 cores)
 test-slow: $(STAMP) ## the long tests (full trainings, process kills)
 	$(PY) -m pytest -q -m slow
 
-bench: $(STAMP) ## training tokens/s, fp32 vs bf16, against this machine's measured matmul peak
+bench: $(STAMP) ## speed vs matmul peak and a plain PyTorch baseline, eval share, memory; sweep load (trials/min, overhead)
 	$(PY) bench/speed.py
+	$(PY) bench/sweep_load.py
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 (HOST=, PORT= to change) to compare runs
 	mkdir -p mlruns

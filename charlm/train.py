@@ -49,11 +49,12 @@ class RunResult:
     steps: int
     early_stop_step: int | None
     train_seconds: float
-    eval_seconds: float
+    eval_seconds: float  # intermediate evaluations (inside train_seconds)
     n_params: int
     checkpoint: Path | None
     run_id: str | None = None
     history: list[dict] = field(default_factory=list)
+    final_eval_seconds: float = 0.0  # the full passes over val and test after training
 
     @property
     def best_val_bpc(self) -> float:
@@ -297,7 +298,7 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
         early_stop_step=stop.stopped_at if stop_reason == "early_stop" else None,
         train_seconds=train_seconds, eval_seconds=eval_seconds, n_params=n_params,
         checkpoint=ckpt_path if best_state is not None else None,
-        run_id=getattr(tracker, "run_id", None), history=history,
+        run_id=getattr(tracker, "run_id", None), history=history, final_eval_seconds=final_eval_seconds,
     )
 
 

@@ -17,3 +17,11 @@ def test_shipped_gpt_experiment_beats_nanogpts_cpu_recipe(tmp_path):
     test_loss = float(re.search(r"test loss ([0-9.]+)", r.stdout).group(1))
     assert test_loss < 1.886
     assert (tmp_path / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_hundred_small_trials_with_two_workers_all_accounted():
+    r = subprocess.run([PYTHON, str(ROOT / "bench" / "sweep_load.py"), "--trials", "200", "--workers", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.startswith("200 trials with 2 workers") and "'COMPLETE': 200" in r.stdout
