@@ -7,6 +7,7 @@ full-pass val loss is the model saved (checkpoint, resolved config, vocabulary, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -75,17 +76,31 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
         for seed in seeds:
             seed_cfg = config.override(cfg, {"train.seed": seed}, where="best seeds")
             seed_cfg = replace(seed_cfg, name=f"best-seed-{seed}")
-            with MlflowTracker(spec.study.name, seed_cfg.name, parent_run_id=parent.run_id,
-                               tags={**tags, "seed": str(seed)}) as tracker:
-                res = train(seed_cfg, tracker)
-                loaded = checkpoint.load(res.checkpoint) if res.checkpoint else None
-            rows.append({"seed": seed, "val_loss": res.best_val_loss, "test_loss": res.test_loss,
-                         "steps": res.steps, "stop": res.stop_reason, "seconds": round(res.train_seconds, 1),
-                         "run_id": res.run_id})
-            print(f"  seed {seed}: val {res.best_val_loss:.4f}  test {res.test_loss:.4f}  "
-                  f"({res.steps} steps, {res.stop_reason}, {res.train_seconds:.0f}s)")
-            if loaded and (best_loaded is None or res.best_val_loss < best_loaded[0]):
-                best_loaded = (res.best_val_loss, seed, loaded)
+            # A finished seed is kept under a name tied to its exact config, so an interrupted
+            # `make best` run again picks up where it stopped instead of starting over.
+            key = hashlib.sha256(dump_yaml(seed_cfg).encode()).hexdigest()[:12]
+            done, kept = out / ".seeds" / f"seed-{seed}-{key}.json", out / ".seeds" / f"seed-{seed}-{key}.pt"
+            if done.is_file() and kept.is_file():
+                row, loaded = json.loads(done.read_text()), checkpoint.load(kept)
+                print(f"  seed {seed}: val {row['val_loss']:.4f}  test {row['test_loss']:.4f}  "
+                      f"(kept from an earlier run: MLflow run {row['run_id']})")
+            else:
+                with MlflowTracker(spec.study.name, seed_cfg.name, parent_run_id=parent.run_id,
+                                   tags={**tags, "seed": str(seed)}) as tracker:
+                    res = train(seed_cfg, tracker)
+                    loaded = checkpoint.load(res.checkpoint) if res.checkpoint else None
+                row = {"seed": seed, "val_loss": res.best_val_loss, "test_loss": res.test_loss,
+                       "steps": res.steps, "stop": res.stop_reason, "seconds": round(res.train_seconds, 1),
+                       "run_id": res.run_id}
+                print(f"  seed {seed}: val {res.best_val_loss:.4f}  test {res.test_loss:.4f}  "
+                      f"({res.steps} steps, {res.stop_reason}, {res.train_seconds:.0f}s)")
+                if loaded:
+                    done.parent.mkdir(parents=True, exist_ok=True)
+                    checkpoint.save(kept, loaded.model, loaded.cfg, loaded.vocab, loaded.meta)
+                    _write_atomic(done, json.dumps(row))
+            rows.append(row)
+            if loaded and (best_loaded is None or row["val_loss"] < best_loaded[0]):
+                best_loaded = (row["val_loss"], seed, loaded)
         if best_loaded is None:
             raise CharlmError("Every retrain diverged; nothing to save. Lower train.lr in the sweep's space")
         tests = [r["test_loss"] for r in rows]

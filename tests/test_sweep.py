@@ -266,6 +266,11 @@ def test_best_retrains_saves_and_evaluates(smoke_sweep):
     assert len(best_runs) == 1 and "test_loss_mean" in best_runs[0].data.metrics
     r = cli("sample", "--chars", "20", cwd=cwd)  # default model: the newest mlruns/best/<study>
     assert r.returncode == 0 and len(r.stdout) > 20
+    # run again (as after an interruption): finished seeds are picked up, not retrained
+    r = cli("best", str(SMOKE), cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("kept from an earlier run") == 2
+    assert json.loads((out / "metrics.json").read_text())["test_loss_mean"] == metrics["test_loss_mean"]
 
 
 def test_best_without_a_completed_trial_is_a_clear_error(tmp_path):
