@@ -1,0 +1,83 @@
+"""What must never be in the code, and the UI server as the user starts it."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import ROOT
+
+SOURCES = [p for d in ("charlm", "bench", "docs", "tests") for p in (ROOT / d).rglob("*.py")]
+
+
+def _code(path):
+    return path.read_text(encoding="utf-8")
+
+
+def test_yaml_is_only_safe_loaded():
+    for p in SOURCES:
+        if p.name == "test_security.py":
+            continue
+        assert not re.search(r"yaml\.(load|unsafe_load|full_load)\(|yaml\.(Unsafe|Full)?Loader", _code(p)), p
+
+
+def test_checkpoints_are_loaded_without_code_execution():
+    calls = [(p, m) for p in SOURCES if p.parent.name != "tests" for m in re.finditer(r"torch\.load\([^)]*\)", _code(p))]
+    assert calls, "expected torch.load in charlm/checkpoint.py"
+    for p, m in calls:
+        assert "weights_only=True" in m.group(0), f"{p}: {m.group(0)}"
+
+
+def test_no_shell_commands_built_from_strings():
+    for p in SOURCES:
+        if p.name == "test_security.py":
+            continue
+        assert "shell=True" not in _code(p) and "os.system(" not in _code(p), p
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, data=None, **headers):
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.slow
+def test_make_ui_binds_loopback_with_host_and_cors_protection(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(["make", "-s", "-C", str(ROOT), "ui", f"PORT={port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, status = time.time() + 120, None
+        while time.time() < deadline and status != 200:
+            time.sleep(1)
+            try:
+                status = _get(f"http://127.0.0.1:{port}/health")
+            except OSError:
+                status = None
+        assert status == 200, "the UI did not come up on 127.0.0.1"
+        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+        assert f"127.0.0.1:{port} " in listening and f"0.0.0.0:{port} " not in listening
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _get(api) == 200
+        assert _get(api, Host="evil.example") == 403  # DNS-rebinding protection is on
+        create = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/create"
+        body = b'{"name": "from-elsewhere"}'
+        assert _get(create, body, Origin="http://evil.example") == 403  # cross-origin writes are refused
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
