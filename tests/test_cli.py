@@ -67,3 +67,34 @@ def test_help_matches_the_commands():
     r = subprocess.run(["make", "-s", "help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     for target in ("install", "train", "test", "ui", "clean", "bench"):
         assert f"make {target}" in r.stdout
+
+
+def test_checkpoints_that_are_not_ours_or_do_not_match(model_file, tmp_path):
+    import torch
+
+    from charlm import checkpoint
+    from charlm.checkpoint import CheckpointError
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="is not a charlm checkpoint"):
+        checkpoint.load(foreign)
+    blob = torch.load(model_file, weights_only=True)
+    blob["config"]["model"]["n_layer"] = 2  # the weights are for one layer
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save(blob, mismatched)
+    with pytest.raises(CheckpointError, match="does not match its own config"):
+        checkpoint.load(mismatched)
+    blob = torch.load(model_file, weights_only=True)
+    blob["vocab"] = blob["vocab"][:-1]  # a vocabulary one character short of the weights
+    short = tmp_path / "short.pt"
+    torch.save(blob, short)
+    r = cli("eval", "--model", str(short), "--split", "val")
+    assert r.returncode == 2 and "does not match its own config" in r.stderr
+
+
+def test_sample_prompt_with_unknown_characters(model_file):
+    r = cli("sample", "--model", str(model_file), "--prompt", "ROMEO{")
+    assert r.returncode == 2 and "1 character(s) not in the model's vocabulary: '{'" in r.stderr
+    r = cli("sample", "--model", str(model_file), "--prompt", "ROMEO{", "--skip-unknown", "--chars", "5")
+    assert r.returncode == 0 and r.stdout.startswith("ROMEO")
