@@ -617,7 +617,7 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> i
         with contextlib.suppress(Exception):
             with file_lock(lock_path(spec, storage_url)):
                 fail_dead_trials(session)
-            refresh_summary(session, plots=True)
+            refresh_summary(session, plots=status == "FINISHED")  # on Ctrl-C, exit fast
         MlflowClient(tracking_uri()).set_terminated(session.parent_run_id, status=status)
     trials = session.study.get_trials(deepcopy=False)
     print(trials_table(trials, limit=15))

@@ -284,29 +284,12 @@ def test_best_without_a_completed_trial_is_a_clear_error(tmp_path):
 
 def test_sigkill_mid_trial_then_resume(tmp_path):
     """Kill the sweep with SIGKILL while a trial runs; the rerun fails and retries it."""
-    doc = yaml.safe_load(SMOKE.read_text())
-    doc["study"] = {"name": "killme", "n_trials": 3}
-    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
-    doc["fixed"]["train.max_steps"] = 400  # long enough to be killed in the middle
-    doc["pruner"] = {"type": "none"}
-    doc["space"] = {"train.lr": {"float": [1e-3, 3e-3], "log": True}}
-    doc.pop("baseline", None)
-    f = tmp_path / "killme.yaml"
-    f.write_text(yaml.safe_dump(doc))
+    f = _long_trial_sweep(tmp_path, "killme")
     proc = subprocess.Popen([PYTHON, "-m", "charlm", "sweep", str(f)], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    journal = tmp_path / "mlruns" / "optuna" / "killme.journal"
-    deadline = time.time() + 120
-    killed = None
-    while time.time() < deadline and killed is None and proc.poll() is None:
-        time.sleep(0.5)
-        if not journal.exists():
-            continue
-        study = journal_study(tmp_path, "killme")
-        running = [t for t in study.get_trials() if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
-        if running and running[0].last_step:  # mid-trial: it has reported at least once
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed = running[0]
+    killed = _wait_mid_trial(tmp_path, "killme", proc)
+    if killed is not None:
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert killed is not None, f"no trial reached the middle in time (sweep exited with {proc.returncode})"
 
@@ -318,7 +301,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == killed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params
-    assert counted(study) == 3 and sum(t.state == TrialState.COMPLETE for t in trials.values()) == 3
+    assert counted(study) == 2 and sum(t.state == TrialState.COMPLETE for t in trials.values()) == 2
     client, runs = mlflow_runs(tmp_path, "killme")
     assert not [x for x in runs if x.info.status == "RUNNING"]
     dead = client.get_run(killed.user_attrs["mlflow_run_id"])
@@ -405,3 +388,55 @@ def test_two_sweeps_started_at_once_share_one_study(tmp_path):
     assert sum(1 for x in runs if x.data.tags.get("charlm.role") == "study") == 1
     assert sum(1 for x in runs if x.data.tags.get("charlm.role") == "baseline") == 1
     assert len([x for x in runs if x.data.tags.get("mlflow.parentRunId")]) == 6
+
+
+def _long_trial_sweep(tmp_path, name):
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc.pop("baseline", None)
+    doc["study"] = {"name": name, "n_trials": 2}
+    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    doc["fixed"]["train.max_steps"] = 1500  # seconds long: the signal lands inside the trial
+    doc["pruner"] = {"type": "none"}
+    doc["space"] = {"train.lr": {"float": [1e-3, 3e-3], "log": True}}
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    return f
+
+
+def _wait_mid_trial(tmp_path, name, proc):
+    journal = tmp_path / "mlruns" / "optuna" / f"{name}.journal"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if journal.exists():
+            running = [t for t in journal_study(tmp_path, name).get_trials()
+                       if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+            if running and running[0].last_step:
+                return running[0]
+    return None
+
+
+def test_ctrl_c_during_a_sweep_leaves_nothing_running(tmp_path):
+    f = _long_trial_sweep(tmp_path, "ctrlc")
+    proc = subprocess.Popen([PYTHON, "-m", "charlm", "sweep", str(f)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    trial = _wait_mid_trial(tmp_path, "ctrlc", proc)
+    assert trial is not None, proc.stderr.read() if proc.poll() is not None else "no trial got going"
+    proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    assert proc.wait(timeout=30) == 130 and time.time() - t0 < 10
+    study = journal_study(tmp_path, "ctrlc")
+    assert study.trials[trial.number].state == TrialState.FAIL
+    queued = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert len(queued) == 1 and queued[0].user_attrs["retry_of"] == trial.number  # re-queued
+    assert queued[0].system_attrs["fixed_params"] == trial.params
+    client, runs = mlflow_runs(tmp_path, "ctrlc")
+    assert not [x for x in runs if x.info.status == "RUNNING"]
+    killed = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags["stop_reason"] == "interrupted"
+    assert [a.path for a in client.list_artifacts(killed.info.run_id, "model")] == ["model/model.pt"]
+    parent = [x for x in runs if x.data.tags.get("charlm.role") == "study"][0]
+    assert parent.info.status == "KILLED"
+    r = cli("sweep", str(f), cwd=tmp_path)  # the next call runs the queued trial and finishes
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert counted(journal_study(tmp_path, "ctrlc")) == 2
