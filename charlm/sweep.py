@@ -576,7 +576,9 @@ def worker_loop(session: Session, deadline: float | None) -> int:
     while True:
         with file_lock(lock):
             fail_dead_trials(session)
-            if counted(study) >= target or (deadline and time.time() >= deadline):
+            # queued trials (re-runs of dead workers' trials) are part of the total: run them
+            queued = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if (counted(study) >= target and not queued) or (deadline and time.time() >= deadline):
                 break
             trial = study.ask()
         state = run_trial(session, trial)
@@ -608,6 +610,9 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> i
             worker_loop(session, deadline)
         else:
             _spawn(spec, workers, storage_url)
+            # a worker that died after the others had finished leaves its trial to no one: the
+            # coordinator fails it, and runs what is queued itself
+            worker_loop(session, deadline)
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise

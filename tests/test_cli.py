@@ -98,3 +98,24 @@ def test_sample_prompt_with_unknown_characters(model_file):
     assert r.returncode == 2 and "1 character(s) not in the model's vocabulary: '{'" in r.stderr
     r = cli("sample", "--model", str(model_file), "--prompt", "ROMEO{", "--skip-unknown", "--chars", "5")
     assert r.returncode == 0 and r.stdout.startswith("ROMEO")
+
+
+def test_a_kill_mid_write_never_leaves_a_checkpoint_that_loads_wrong(model_file, tmp_path):
+    """SIGKILL a process that rewrites a checkpoint in a loop, at arbitrary moments: the file on
+    disk always loads (temp file + rename), and no half-written temp file is taken for it."""
+    import signal
+    import time
+
+    from charlm import checkpoint
+
+    target = tmp_path / "model.pt"
+    writer = (f"from charlm import checkpoint\nck = checkpoint.load({str(model_file)!r})\n"
+              f"while True:\n    checkpoint.save(__import__('pathlib').Path({str(target)!r}), ck.model, ck.cfg, ck.vocab, ck.meta)\n")
+    for delay in (0.5, 0.8, 1.1, 1.4):
+        proc = subprocess.Popen([PYTHON, "-c", writer])
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if target.exists():
+            assert checkpoint.load(target).meta == checkpoint.load(model_file).meta
+    assert target.exists()

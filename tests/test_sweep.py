@@ -416,15 +416,18 @@ def _wait_mid_trial(tmp_path, name, proc):
     return None
 
 
-def test_ctrl_c_during_a_sweep_leaves_nothing_running(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupting_a_sweep_leaves_nothing_running(tmp_path, sig, code):
     f = _long_trial_sweep(tmp_path, "ctrlc")
+    # as from a terminal: a shell that starts jobs in the background makes them ignore SIGINT
     proc = subprocess.Popen([PYTHON, "-m", "charlm", "sweep", str(f)], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     trial = _wait_mid_trial(tmp_path, "ctrlc", proc)
     assert trial is not None, proc.stderr.read() if proc.poll() is not None else "no trial got going"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     t0 = time.time()
-    assert proc.wait(timeout=30) == 130 and time.time() - t0 < 10
+    assert proc.wait(timeout=30) == code and time.time() - t0 < 10
     study = journal_study(tmp_path, "ctrlc")
     assert study.trials[trial.number].state == TrialState.FAIL
     queued = [t for t in study.trials if t.state == TrialState.WAITING]
@@ -440,3 +443,47 @@ def test_ctrl_c_during_a_sweep_leaves_nothing_running(tmp_path):
     r = cli("sweep", str(f), cwd=tmp_path)  # the next call runs the queued trial and finishes
     assert r.returncode == 0, r.stderr[-2000:]
     assert counted(journal_study(tmp_path, "ctrlc")) == 2
+
+
+def test_sigkill_one_of_two_workers(tmp_path):
+    """Kill one worker of a 2-worker sweep mid-trial: the other fails and re-runs its trial, and
+    the study still reaches its total with every trial accounted for."""
+    f = _long_trial_sweep(tmp_path, "onedown")
+    proc = subprocess.Popen([PYTHON, "-m", "charlm", "sweep", str(f), "--workers", "2", "--n-trials", "3"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = _wait_mid_trial(tmp_path, "onedown", proc)
+    assert victim is not None, "no trial got going"
+    os.kill(int(victim.system_attrs["charlm.pid"]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "1 worker(s) exited with status [-9]" in err, err[-2000:]
+    study = journal_study(tmp_path, "onedown")
+    trials = study.get_trials()
+    assert trials[victim.number].state == TrialState.FAIL
+    assert [t.state for t in trials if t.user_attrs.get("retry_of") == victim.number] == [TrialState.COMPLETE]
+    assert counted(study) == 3 and sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    client, runs = mlflow_runs(tmp_path, "onedown")
+    assert not [x for x in runs if x.info.status == "RUNNING"]
+    assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+
+
+def test_an_exception_in_one_trial_does_not_stop_the_sweep(tmp_path, tiny_text):
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc.pop("baseline", None)
+    doc["study"] = {"name": "broken", "n_trials": 2}
+    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    doc["fixed"]["data.path"] = str(tiny_text)
+    doc["fixed"].pop("data.context")
+    doc["sampler"] = {"type": "grid"}
+    doc["space"] = {"data.context": {"choice": [16, 40000]}}  # 40k characters: more than the text holds
+    f = tmp_path / "broken.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    r = cli("sweep", str(f), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    study = journal_study(tmp_path, "broken")
+    by_ctx = {t.params["data.context"]: t for t in study.trials}
+    assert by_ctx[16].state == TrialState.COMPLETE and by_ctx[40000].state == TrialState.FAIL
+    assert "too short for data.context=40000" in by_ctx[40000].user_attrs["error"]
+    client, _ = mlflow_runs(tmp_path, "broken")
+    run = client.get_run(by_ctx[40000].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["stop_reason"] == "error"
+    assert "too short" in run.data.tags["error"]

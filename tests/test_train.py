@@ -135,9 +135,11 @@ def test_ctrl_c_ends_the_run_killed_and_keeps_the_best_checkpoint(tiny_text, tmp
                    "model: {n_layer: 1, n_embd: 32, n_head: 2}\n"
                    "train: {max_steps: 100000, validation_interval: 20, eval_chars: 500, threads: 1}\n")
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    # as from a terminal: a shell that starts jobs in the background makes them ignore SIGINT
     proc = subprocess.Popen([PYTHON, "-m", "charlm", "train", str(exp)], cwd=tmp_path,
                             env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     client, run_id = MlflowClient(uri), None
     deadline = time.time() + 120
     while run_id is None and time.time() < deadline and proc.poll() is None:
