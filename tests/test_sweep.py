@@ -487,3 +487,27 @@ def test_an_exception_in_one_trial_does_not_stop_the_sweep(tmp_path, tiny_text):
     run = client.get_run(by_ctx[40000].user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["stop_reason"] == "error"
     assert "too short" in run.data.tags["error"]
+
+
+@pytest.mark.slow
+def test_best_interrupted_then_run_again_resumes(tmp_path):
+    f = _long_trial_sweep(tmp_path, "resumebest")
+    r = cli("sweep", str(f), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    proc = subprocess.Popen([PYTHON, "-m", "charlm", "best", str(f)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seeds = tmp_path / "mlruns" / "best" / "resumebest" / ".seeds"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(seeds.glob("seed-0-*.pt")):
+        time.sleep(0.5)
+    time.sleep(3)  # into the second seed
+    assert proc.poll() is None, "best finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    client, runs = mlflow_runs(tmp_path, "resumebest")
+    assert not [x for x in runs if x.info.status == "RUNNING"]
+    assert [x.info.status for x in runs if x.data.tags.get("seed") == "1"] == ["KILLED"]
+    r = cli("best", str(f), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "seed 0:" in r.stdout and r.stdout.count("kept from an earlier run") == 1  # seed 0 kept
+    assert (tmp_path / "mlruns" / "best" / "resumebest" / "model.pt").is_file()
