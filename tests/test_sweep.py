@@ -351,15 +351,8 @@ def test_sqlite_storage_prepared_once_for_two_workers(tmp_path):
 
 
 def test_diverging_trials_fail_and_the_sweep_carries_on(tmp_path):
-    doc = yaml.safe_load(SMOKE.read_text())
-    doc.pop("baseline", None)
-    doc["study"] = {"name": "wild", "n_trials": 4}
-    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
-    doc["fixed"]["train.warmup_steps"] = 0
-    doc["space"] = {"train.lr": {"choice": [10.0, 0.003]}}
-    doc["sampler"] = {"type": "grid"}
-    f = tmp_path / "wild.yaml"
-    f.write_text(yaml.safe_dump(doc))
+    f = _smoke_variant(tmp_path, "wild", 4, {"train.lr": {"choice": [10.0, 0.003]}},
+                       fixed={"train.warmup_steps": 0}, sampler={"type": "grid"})
     r = cli("sweep", str(f), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     study = journal_study(tmp_path, "wild")
@@ -390,17 +383,26 @@ def test_two_sweeps_started_at_once_share_one_study(tmp_path):
     assert len([x for x in runs if x.data.tags.get("mlflow.parentRunId")]) == 6
 
 
-def _long_trial_sweep(tmp_path, name):
+def _smoke_variant(tmp_path, name, n_trials, space, fixed=(), drop=(), **sections):
+    """sweeps/smoke.yaml with another study name, space and sections, written to tmp_path."""
     doc = yaml.safe_load(SMOKE.read_text())
     doc.pop("baseline", None)
-    doc["study"] = {"name": name, "n_trials": 2}
+    doc["study"] = {"name": name, "n_trials": n_trials}
     doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
-    doc["fixed"]["train.max_steps"] = 1500  # seconds long: the signal lands inside the trial
-    doc["pruner"] = {"type": "none"}
-    doc["space"] = {"train.lr": {"float": [1e-3, 3e-3], "log": True}}
+    doc["fixed"].update(dict(fixed))
+    for key in drop:
+        doc["fixed"].pop(key)
+    doc["space"] = space
+    doc.update(sections)
     f = tmp_path / f"{name}.yaml"
     f.write_text(yaml.safe_dump(doc))
     return f
+
+
+def _long_trial_sweep(tmp_path, name):
+    # seconds-long trials, so a signal sent once a trial has reported lands inside that trial
+    return _smoke_variant(tmp_path, name, 2, {"train.lr": {"float": [1e-3, 3e-3], "log": True}},
+                          fixed={"train.max_steps": 1500}, pruner={"type": "none"})
 
 
 def _wait_mid_trial(tmp_path, name, proc):
@@ -467,16 +469,9 @@ def test_sigkill_one_of_two_workers(tmp_path):
 
 
 def test_an_exception_in_one_trial_does_not_stop_the_sweep(tmp_path, tiny_text):
-    doc = yaml.safe_load(SMOKE.read_text())
-    doc.pop("baseline", None)
-    doc["study"] = {"name": "broken", "n_trials": 2}
-    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
-    doc["fixed"]["data.path"] = str(tiny_text)
-    doc["fixed"].pop("data.context")
-    doc["sampler"] = {"type": "grid"}
-    doc["space"] = {"data.context": {"choice": [16, 40000]}}  # 40k characters: more than the text holds
-    f = tmp_path / "broken.yaml"
-    f.write_text(yaml.safe_dump(doc))
+    # 40k characters of context: more than the text holds, so that trial raises inside train()
+    f = _smoke_variant(tmp_path, "broken", 2, {"data.context": {"choice": [16, 40000]}},
+                       fixed={"data.path": str(tiny_text)}, drop=["data.context"], sampler={"type": "grid"})
     r = cli("sweep", str(f), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     study = journal_study(tmp_path, "broken")
