@@ -34,10 +34,10 @@ def cmd_train(args) -> int:
         if args.out and result.checkpoint:
             import shutil
 
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            dest = Path(args.out) / "model.pt"
-            shutil.copyfile(result.checkpoint, dest.with_suffix(".pt.tmp"))
-            dest.with_suffix(".pt.tmp").replace(dest)
+            from charlm.checkpoint import write_atomic
+
+            with open(result.checkpoint, "rb") as src:
+                dest = write_atomic(Path(args.out) / "model.pt", lambda f: shutil.copyfileobj(src, f))
             return str(dest)
         return None
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from charlm.config import dump_yaml
 from charlm.errors import CharlmError
 from charlm.models import generate
 from charlm.space import SweepSpec, suggest
-from charlm.sweep import default_storage, open_study, redact
+from charlm.sweep import open_study, redact, storage_url
 from charlm.tracking import MlflowTracker
 from charlm.train import train
 
@@ -32,10 +30,7 @@ BEST_ROOT = Path("mlruns") / "best"
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    checkpoint.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def best_config(spec: SweepSpec, study) -> tuple[config.Config, object]:
@@ -58,13 +53,13 @@ def best_config(spec: SweepSpec, study) -> tuple[config.Config, object]:
 
 
 def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
-    storage_url = spec.study.storage or default_storage(spec)
-    study = open_study(spec, storage_url)
+    url = storage_url(spec)
+    study = open_study(spec, url)
     cfg, trial = best_config(spec, study)
     seeds = tuple(seeds or spec.best.seeds)
     out = BEST_ROOT / spec.study.name
     out.mkdir(parents=True, exist_ok=True)
-    print(f"best trial {trial.number} of study '{spec.study.name}' ({redact(storage_url)}): val {trial.value:.4f}; "
+    print(f"best trial {trial.number} of study '{spec.study.name}' ({redact(url)}): val {trial.value:.4f}; "
           f"retraining {cfg.train.max_steps} steps x seeds {list(seeds)}")
     tags = {"best": "true", "optuna.study_name": spec.study.name, "optuna.best_trial": str(trial.number),
             "charlm.study_run": study.user_attrs.get("mlflow_parent_run_id", "")}

@@ -10,7 +10,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 import torch.nn as nn
@@ -37,15 +37,15 @@ class Loaded:
     path: Path
 
 
-def save(path: Path, model: nn.Module, cfg: Config, vocab: CharVocab, meta: dict[str, Any]) -> Path:
+def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Create ``path`` through ``write(file)`` on a temporary file beside it, then rename: a kill
+    at any moment leaves either the old file or the complete new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    blob = {"format": FORMAT, "model": state, "config": to_dict(cfg), "vocab": vocab.to_list(), "meta": meta}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +53,12 @@ def save(path: Path, model: nn.Module, cfg: Config, vocab: CharVocab, meta: dict
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def save(path: Path, model: nn.Module, cfg: Config, vocab: CharVocab, meta: dict[str, Any]) -> Path:
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    blob = {"format": FORMAT, "model": state, "config": to_dict(cfg), "vocab": vocab.to_list(), "meta": meta}
+    return write_atomic(path, lambda f: torch.save(blob, f))
 
 
 def resolve(path: str | Path) -> Path:

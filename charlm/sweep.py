@@ -11,7 +11,6 @@ is gone) and after ``STALE_AFTER`` seconds elsewhere.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from charlm.data import Corpus, load_corpus
 from charlm.errors import CharlmError
 from charlm.space import SweepSpec, grid_space, space_size, suggest
 from charlm.stopping import Patience
-from charlm.tracking import MlflowTracker, get_or_create_experiment, tracking_uri
+from charlm.tracking import MlflowTracker, file_lock, get_or_create_experiment, tracking_uri
 from charlm.train import train
 
 HEARTBEAT_SECONDS = 10.0
@@ -50,8 +49,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # ----------------------------------------------------------------------------- storage
 
 
-def default_storage(spec: SweepSpec) -> str:
-    return f"journal:mlruns/optuna/{spec.study.name}.journal"
+def storage_url(spec: SweepSpec) -> str:
+    """The sweep's storage, or by default a journal file: mlruns/optuna/<study>.journal."""
+    return spec.study.storage or f"journal:mlruns/optuna/{spec.study.name}.journal"
 
 
 def redact(url: str) -> str:
@@ -83,18 +83,6 @@ def lock_path(spec: SweepSpec, url: str) -> Path:
     if url.startswith("journal:"):
         return Path(url[len("journal:"):] + ".charlm-lock")  # not ".lock": Optuna's own journal lock uses that
     return Path("mlruns") / f".sweep-{spec.study.name}.lock"
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """Serialises count-then-ask among the workers on this machine."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------- sampler and pruner
@@ -567,12 +555,11 @@ def target_trials(spec: SweepSpec) -> int:
     return spec.study.n_trials
 
 
-def worker_loop(session: Session, deadline: float | None) -> int:
+def worker_loop(session: Session, deadline: float | None) -> None:
     """Run trials until the study holds its target of counted trials or the deadline passes."""
     spec, study = session.spec, session.study
     lock = lock_path(spec, session.storage_url)
     target = target_trials(spec)
-    ran = 0
     while True:
         with file_lock(lock):
             fail_dead_trials(session)
@@ -582,26 +569,24 @@ def worker_loop(session: Session, deadline: float | None) -> int:
                 break
             trial = study.ask()
         state = run_trial(session, trial)
-        ran += 1
         print(f"[worker {session.worker}] trial {trial.number}: {state.name}", file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):
             with file_lock(lock):
                 refresh_summary(session)
-    return ran
 
 
 def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> int:
-    storage_url = spec.study.storage or default_storage(spec)
+    url = storage_url(spec)
     deadline = time.time() + spec.study.timeout_min * 60 if spec.study.timeout_min else None
     if worker_index is not None:  # a child started by the coordinator below
-        study = open_study(spec, storage_url, worker=worker_index)
-        session = Session(spec, storage_url, study, study.user_attrs["mlflow_parent_run_id"], worker_index)
+        study = open_study(spec, url, worker=worker_index)
+        session = Session(spec, url, study, study.user_attrs["mlflow_parent_run_id"], worker_index)
         _threads_for(workers)
         worker_loop(session, deadline)
         return 0
 
-    session = prepare(spec, storage_url)
-    print(f"study '{spec.study.name}' in {redact(storage_url)}; MLflow experiment '{spec.study.name}', "
+    session = prepare(spec, url)
+    print(f"study '{spec.study.name}' in {redact(url)}; MLflow experiment '{spec.study.name}', "
           f"parent run {session.parent_run_id}; {counted(session.study)}/{target_trials(spec)} trials so far",
           file=sys.stderr)
     status = "FINISHED"
@@ -609,7 +594,7 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> i
         if workers <= 1:
             worker_loop(session, deadline)
         else:
-            _spawn(spec, workers, storage_url)
+            _spawn(spec, workers, url)
             # a worker that died after the others had finished leaves its trial to no one: the
             # coordinator fails it, and runs what is queued itself
             worker_loop(session, deadline)
@@ -620,8 +605,6 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> i
         from mlflow.tracking import MlflowClient
 
         with contextlib.suppress(Exception):
-            with file_lock(lock_path(spec, storage_url)):
-                fail_dead_trials(session)
             refresh_summary(session, plots=status == "FINISHED")  # on Ctrl-C, exit fast
         MlflowClient(tracking_uri()).set_terminated(session.parent_run_id, status=status)
     trials = session.study.get_trials(deepcopy=False)
@@ -669,7 +652,7 @@ def _spawn(spec: SweepSpec, workers: int, storage_url: str) -> None:
 def dry_run(spec: SweepSpec, n: int = 3) -> str:
     lines = [f"study '{spec.study.name}': {spec.study.n_trials} trials, {spec.sampler.type} sampler, "
              f"{spec.pruner.type} pruner" + (f" (reference {spec.pruner.reference})" if spec.pruner.type == "patience" else ""),
-             f"storage: {redact(spec.study.storage or default_storage(spec))}",
+             f"storage: {redact(storage_url(spec))}",
              f"base: {spec.base or '(defaults)'}; fixed: {spec.fixed}", "space:"]
     lines += [f"  {p.key:<32} {p.describe()}" for p in spec.space]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.sampler.seed))

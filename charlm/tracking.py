@@ -167,6 +167,18 @@ class MlflowTracker:
 
 
 @contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock among the processes of this machine, held by a lock file at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def store_lock(uri: str):
     """Two processes creating a fresh SQLite MLflow store at once corrupt it: serialise the first
     touch (schema creation, experiment creation) with a lock file beside the database."""
@@ -174,13 +186,8 @@ def store_lock(uri: str):
         yield
         return
     db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(db.with_name(db.name + ".lock")):
+        yield
 
 
 def get_or_create_experiment(client, name: str, uri: str) -> str:

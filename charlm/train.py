@@ -180,8 +180,9 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
     t_window, tokens_window = t0, 0
     step = 0
 
-    def evaluate(step: int, lr: float, tokens_per_sec: float) -> tuple[float, bool]:
-        """One intermediate evaluation: metrics, the patience rule, the best checkpoint."""
+    def evaluate(step: int, lr: float, tokens_per_sec: float) -> tuple[dict, bool]:
+        """One intermediate evaluation: metrics, the patience rule, the best checkpoint.
+        Returns the logged row (``train_loss`` is the mean since the previous evaluation)."""
         nonlocal best_state, eval_seconds
         te = time.perf_counter()
         val = full_pass(model, eval_data, cfg.train.eval_stride, cfg.train.eval_batch_size, device, amp)
@@ -198,7 +199,7 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
         history.append({"step": step, **row})
         tracker.log_metrics(row, step=step)
         tracker.flush()
-        return val.loss, fired
+        return row, fired
 
     if not trainable:  # nothing to optimise: one evaluation of the fitted model
         evaluate(0, 0.0, len(corpus.train) / max(fit_seconds, 1e-9))
@@ -231,14 +232,14 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
             out_of_time = cfg.train.max_minutes > 0 and elapsed >= cfg.train.max_minutes * 60
             if step % cfg.train.validation_interval == 0 or step == cfg.train.max_steps or out_of_time:
                 tokens_per_sec = tokens_window / max(1e-9, time.perf_counter() - t_window)
-                train_loss = sum(train_losses) / len(train_losses)
-                val_loss, fired = evaluate(step, lr, tokens_per_sec)
+                row, fired = evaluate(step, lr, tokens_per_sec)
+                val_loss = row["val_loss"]
                 bar.set_postfix(val=f"{val_loss:.4f}", best=f"{stop.best:.4f}")
                 if not math.isfinite(val_loss) or val_loss > diverged_above:
                     stop_reason = "diverged"
                     break
                 if on_eval is not None:
-                    reason = on_eval(EvalEvent(step, val_loss, train_loss, stop.best, lr, tokens_per_sec,
+                    reason = on_eval(EvalEvent(step, val_loss, row["train_loss"], stop.best, lr, tokens_per_sec,
                                                time.perf_counter() - t0))
                     if reason:
                         stop_reason = reason

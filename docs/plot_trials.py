@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from charlm.space import load_sweep  # noqa: E402
-from charlm.sweep import default_storage, open_study  # noqa: E402
+from charlm.sweep import open_study, storage_url  # noqa: E402
 
 
 def main() -> int:
@@ -30,7 +30,7 @@ def main() -> int:
     ap.add_argument("--out", default="docs/quality_vs_time.png")
     args = ap.parse_args()
     spec = load_sweep(args.sweep)
-    study = open_study(spec, spec.study.storage or default_storage(spec))
+    study = open_study(spec, storage_url(spec))
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {("ff", TrialState.COMPLETE): ("o", "tab:blue"), ("gpt", TrialState.COMPLETE): ("s", "tab:orange"),
               ("ff", TrialState.PRUNED): ("x", "tab:blue"), ("gpt", TrialState.PRUNED): ("x", "tab:orange")}

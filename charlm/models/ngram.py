@@ -44,10 +44,10 @@ class NGram(nn.Module):
         V = self.vocab_size
         x = ids.long().numpy()
         n = len(x)
-        if V ** (self.context + 1) >= 2**63:
+        if V ** self.order >= 2**63:
             from charlm.errors import CharlmError
 
-            raise CharlmError(f"An n-gram of order {self.context + 1} over {V} symbols overflows 64-bit ids; "
+            raise CharlmError(f"An n-gram of order {self.order} over {V} symbols overflows 64-bit ids; "
                               "use a smaller data.context for model.kind=ngram")
         grams = np.zeros(0, dtype=np.int64)  # unique (k+2)-grams of the order above, as base-V ids
         for k in range(self.context, -1, -1):  # highest order first: lower ones need its types
