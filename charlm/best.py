@@ -49,6 +49,7 @@ def best_config(spec: SweepSpec, study) -> tuple[config.Config, object]:
                                 "train.max_minutes": cfg.train.max_minutes * m,
                                 "train.validation_interval": max(1, int(round(cfg.train.validation_interval * m)))},
                           where=f"{spec.path} (best budget)")
+    cfg = config.override(cfg, spec.best.set, where=f"{spec.path} (best.set)")
     return replace(cfg, name=f"best-{spec.study.name}"), trial
 
 
@@ -86,9 +87,11 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
                     loaded = checkpoint.load(res.checkpoint) if res.checkpoint else None
                 row = {"seed": seed, "val_loss": res.best_val_loss, "test_loss": res.test_loss,
                        "steps": res.steps, "stop": res.stop_reason, "seconds": round(res.train_seconds, 1),
-                       "run_id": res.run_id}
+                       "run_id": res.run_id, **res.mixture}
+                mix = (f", network alone {res.mixture['network_test_loss']:.4f}, mixed with a "
+                       f"{cfg.model.mix_order}-gram at w={res.mixture['mix_weight']:.3f}") if res.mixture else ""
                 print(f"  seed {seed}: val {res.best_val_loss:.4f}  test {res.test_loss:.4f}  "
-                      f"({res.steps} steps, {res.stop_reason}, {res.train_seconds:.0f}s)")
+                      f"({res.steps} steps, {res.stop_reason}, {res.train_seconds:.0f}s{mix})")
                 if loaded:
                     done.parent.mkdir(parents=True, exist_ok=True)
                     checkpoint.save(kept, loaded.model, loaded.cfg, loaded.vocab, loaded.meta)
@@ -107,6 +110,10 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
             "val_loss_mean": statistics.fmean(vals), "val_loss_std": statistics.pstdev(vals),
             "runs": rows,
         }
+        if all("network_test_loss" in r for r in rows):  # what the n-gram mixture adds
+            nets = [r["network_test_loss"] for r in rows]
+            summary["network_test_loss_mean"] = statistics.fmean(nets)
+            summary["network_test_loss_std"] = statistics.pstdev(nets)
         parent.log_metrics({k: v for k, v in summary.items() if k.endswith(("_mean", "_std"))})
         parent.set_tags({"saved_seed": best_loaded[1]})
         _, seed, loaded = best_loaded

@@ -42,6 +42,7 @@ class ModelConfig:
     dropout: float = 0.0  # 1M characters overfit slowly at this size; sweeps tune it
     bias: bool = False  # biases in linear/LayerNorm layers; off is slightly faster, no worse
     tie_weights: bool = True  # share input embedding and output projection (fewer params)
+    mix_order: int = 0  # > 0: interpolate with a Kneser-Ney n-gram of this order, weight fitted on val
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def validate(cfg: Config, where: Mapping[str, str] | None = None) -> None:
     for key in positive:
         _check(flat[key] >= 1, key, w, "an integer >= 1", flat[key])
     for key in ["train.warmup_steps", "train.patience", "train.eval_chars", "train.eval_stride",
-                "train.threads", "train.seed", "train.sample_chars"]:
+                "train.threads", "train.seed", "train.sample_chars", "model.mix_order"]:
         _check(flat[key] >= 0, key, w, "an integer >= 0", flat[key])
     for key in ["train.lr"]:
         _check(flat[key] > 0 and math.isfinite(flat[key]), key, w, "a number > 0", flat[key])
@@ -196,6 +197,10 @@ def validate(cfg: Config, where: Mapping[str, str] | None = None) -> None:
     _check(
         cfg.model.n_embd % cfg.model.n_head == 0, "model.n_head", w,
         f"a divisor of model.n_embd ({cfg.model.n_embd})", cfg.model.n_head,
+    )
+    _check(
+        cfg.model.mix_order <= 10 and not (cfg.model.mix_order and cfg.model.kind == "ngram"), "model.mix_order", w,
+        "0 (off) or an n-gram order up to 10 on a neural model.kind", cfg.model.mix_order,
     )
     _check(
         cfg.train.eval_stride <= cfg.data.context, "train.eval_stride", w,

@@ -51,9 +51,10 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def full_pass(model, data: torch.Tensor, stride: int = 0, batch_size: int = 32,
-              device: str = "cpu", autocast: torch.autocast | None = None) -> EvalResult:
-    """Score ``data`` (1-D ids) under the protocol above. fp32 unless ``autocast`` is given."""
+def char_logprobs(model, data: torch.Tensor, stride: int = 0, batch_size: int = 32,
+                  device: str = "cpu", autocast: torch.autocast | None = None) -> torch.Tensor:
+    """log p(data[i] | what precedes it) for i = 1 .. n-1 under the protocol above (float64).
+    Summed it is the full pass; kept per character it lets two models be interpolated."""
     n = len(data)
     if n < 2:
         raise ValueError("need at least 2 characters to score one")
@@ -62,22 +63,28 @@ def full_pass(model, data: torch.Tensor, stride: int = 0, batch_size: int = 32,
     L = min(window, n - 1)
     data = data.long()
     offsets = torch.arange(L + 1)
-    pos = torch.arange(L)
+    out = torch.empty(n - 1, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64)
     try:
         for i in range(0, len(plan), batch_size):
             chunk = plan[i:i + batch_size]
             starts = torch.tensor([s for s, _ in chunk])
-            scored = torch.tensor([k for _, k in chunk])
             seq = data[starts[:, None] + offsets].to(device)
             x, y = seq[:, :-1], seq[:, 1:]
             with autocast or contextlib.nullcontext():
                 logits, _ = model(x)
-            logp = F.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            mask = (pos[None, :] >= (L - scored)[:, None]).to(device)
-            total += -(logp.double() * mask).sum().cpu()
+            logp = F.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1).double().cpu()
+            for row, (s, k) in enumerate(chunk):
+                # window row covers targets s+1 .. s+L; its last k are scored (target j -> out[j-1])
+                out[s + L - k:s + L] = logp[row, L - k:]
     finally:
         model.train(was_training)
-    return EvalResult(loss=float(total) / (n - 1), chars=n - 1)
+    return out
+
+
+def full_pass(model, data: torch.Tensor, stride: int = 0, batch_size: int = 32,
+              device: str = "cpu", autocast: torch.autocast | None = None) -> EvalResult:
+    """Score ``data`` (1-D ids) under the protocol above. fp32 unless ``autocast`` is given."""
+    lp = char_logprobs(model, data, stride, batch_size, device, autocast)
+    return EvalResult(loss=-float(lp.sum()) / len(lp), chars=len(lp))

@@ -74,6 +74,9 @@ class PrunerSpec:
 class BestSpec:
     budget_multiplier: float = 3.0  # retrain with max_steps (and max_minutes) times this
     seeds: tuple[int, ...] = (0, 1, 2)  # one retrain per seed: mean and spread on test
+    # config overrides for the retrain only, e.g. {data.val_fraction: 0.01, model.mix_order: 8}:
+    # train on 89% of the text (val kept to 1% for stopping and the mixture weight) and mix
+    set: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,15 @@ def _section(path: str, name: str, raw: Any, cls, required: tuple[str, ...] = ()
                 v = ""
             if not isinstance(v, str):
                 raise _fail(path, key, "a string", v)
+        elif typ == "dict":
+            if not isinstance(v, dict):
+                raise _fail(path, key, "a mapping of config keys to values", v)
+            for ck in v:
+                if ck not in config.all_keys():
+                    near = difflib.get_close_matches(str(ck), config.all_keys(), n=1, cutoff=0.6)
+                    raise SweepError(f"Unknown config key '{ck}' in {path} ({key})"
+                                     + (f"; did you mean '{near[0]}'?" if near else ""))
+            v = dict(v)
         elif typ.startswith("tuple"):
             if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
                 raise _fail(path, key, "a non-empty list of integers", v)
@@ -381,6 +393,7 @@ def _check_configs(spec: SweepSpec) -> None:
     do not divide the width) surface now, naming the sweep file, not in trial 17."""
     try:
         base = spec.base_config()
+        config.override(base, spec.best.set, where=f"{spec.path} (best.set)")
     except ConfigError as e:
         raise SweepError(str(e)) from None
     branches: list[tuple[str, tuple] | None] = [None] + sorted(

@@ -55,6 +55,7 @@ class RunResult:
     run_id: str | None = None
     history: list[dict] = field(default_factory=list)
     final_eval_seconds: float = 0.0  # the full passes over val and test after training
+    mixture: dict = field(default_factory=dict)  # model.mix_order > 0: mix_weight, network_test_loss
 
     @property
     def best_val_bpc(self) -> float:
@@ -264,6 +265,12 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
     if best_state is not None:
         model.load_state_dict(best_state)
         te = time.perf_counter()
+        mixed = {}
+        if hasattr(model, "calibrate"):  # a mixture: the network alone on test, then fit its weight on val
+            mixed["network_test_loss"] = full_pass(model, corpus.test, cfg.train.eval_stride,
+                                                   cfg.train.eval_batch_size, device).loss
+            mixed["mix_weight"] = model.calibrate(corpus.val, stride=cfg.train.eval_stride,
+                                                  batch_size=cfg.train.eval_batch_size, device=device)
         val_full = full_pass(model, corpus.val, cfg.train.eval_stride, cfg.train.eval_batch_size, device)
         test_full = full_pass(model, corpus.test, cfg.train.eval_stride, cfg.train.eval_batch_size, device)
         final_eval_seconds = time.perf_counter() - te
@@ -272,6 +279,7 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
                          "val_loss": val_full.loss, "test_loss": test_full.loss})
     else:  # diverged before the first evaluation: nothing worth keeping
         val_full = test_full = EvalResult(loss=math.nan, chars=0)
+        mixed = {}
         final_eval_seconds = 0.0
 
     final = {
@@ -281,6 +289,7 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
         "eval_seconds": eval_seconds, "eval_share": eval_seconds / max(train_seconds, 1e-9),
         "final_eval_seconds": final_eval_seconds, "steps": step, "fit_seconds": fit_seconds,
     }
+    final.update(mixed)
     if stop.best_step is not None:
         final["best_step"] = stop.best_step
     if stop.stopped_at is not None and stop_reason == "early_stop":
@@ -300,6 +309,7 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
         train_seconds=train_seconds, eval_seconds=eval_seconds, n_params=n_params,
         checkpoint=ckpt_path if best_state is not None else None,
         run_id=getattr(tracker, "run_id", None), history=history, final_eval_seconds=final_eval_seconds,
+        mixture=mixed if best_state is not None else {},
     )
 
 

@@ -256,6 +256,10 @@ def test_best_retrains_saves_and_evaluates(smoke_sweep):
     saved = config.load(out / "config.yaml").train
     assert saved.max_steps == round(60 * 1.5) and saved.validation_interval == round(10 * 1.5)
     assert saved.patience == study.best_trial.params["train.patience"]  # the trial's stopping rule kept
+    # best.set: the retrain trains on 89% and mixes with a 6-gram; both figures are reported
+    assert config.load(out / "config.yaml").data.val_fraction == 0.01 and config.load(out / "config.yaml").model.mix_order == 6
+    assert all(0 < r["mix_weight"] < 1 and r["test_loss"] < r["network_test_loss"] for r in metrics["runs"])
+    assert metrics["network_test_loss_mean"] > metrics["test_loss_mean"]
     text = cwd / "t.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
     r = cli("eval", "--model", str(out), "--text", str(text), "--json", cwd=cwd)

@@ -9,13 +9,17 @@ import torch.nn as nn
 from charlm.config import Config
 from charlm.models.ff import FeedForward
 from charlm.models.gpt import GPT
+from charlm.models.mixture import Mixture
 from charlm.models.ngram import NGram
 
 REGISTRY: dict[str, type[nn.Module]] = {"gpt": GPT, "ff": FeedForward, "ngram": NGram}
 
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
-    return REGISTRY[cfg.model.kind](cfg.model, vocab_size, cfg.data.context)
+    model = REGISTRY[cfg.model.kind](cfg.model, vocab_size, cfg.data.context)
+    if cfg.model.mix_order:  # the n-gram reads mix_order - 1 characters of history
+        return Mixture(model, NGram(cfg.model, vocab_size, cfg.model.mix_order - 1))
+    return model
 
 
 def count_params(model: nn.Module) -> int:

@@ -8,7 +8,7 @@ counts (D = n1 / (n1 + 2 n2)); lower orders use continuation counts, as Kneser a
     P_k(w | h) = max(c(h, w) - D_k, 0) / c(h) + D_k * N1+(h .) / c(h) * P_{k-1}(w | h')
 
 with h' the context h without its oldest character, P_0 uniform, and P_k = P_{k-1} for an
-unseen context h. The count tables are buffers, so they travel in the checkpoint.
+unseen context h. The sparse counts are buffers, so they travel in the checkpoint.
 """
 
 from __future__ import annotations
@@ -31,9 +31,12 @@ class NGram(nn.Module):
         self.context = context  # characters of history; order = context + 1
         self.max_len = None
         for k in range(context + 1):  # k = history length of the table
-            self.register_buffer(f"keys{k}", torch.zeros(0, dtype=torch.int64))
-            self.register_buffer(f"counts{k}", torch.zeros(0, vocab_size))
+            # persisted: the distinct (k+1)-grams as base-V ids and their (continuation) counts,
+            # a few MB even for an 8-gram; the dense lookup tables are rebuilt from them on load
+            self.register_buffer(f"grams{k}", torch.zeros(0, dtype=torch.int64))
+            self.register_buffer(f"gcounts{k}", torch.zeros(0, dtype=torch.int32))
             self.register_buffer(f"discount{k}", torch.zeros(()))
+        self._tables: list[tuple[np.ndarray, np.ndarray]] = []  # per k: (history keys, counts[key, next])
 
     @property
     def order(self) -> int:
@@ -58,16 +61,24 @@ class NGram(nn.Module):
                 uniq, cnt = np.unique(g, return_counts=True)
             else:  # continuation counts: distinct characters seen before each (k+1)-gram
                 uniq, cnt = np.unique(grams % V ** (k + 1), return_counts=True)
-            ctx, nxt = uniq // V, uniq % V
-            keys, rows = np.unique(ctx, return_inverse=True)
-            table = np.zeros((len(keys), V), dtype=np.float32)
-            table[rows, nxt] = cnt
             n1, n2 = (cnt == 1).sum(), (cnt == 2).sum()
             d = n1 / (n1 + 2 * n2) if n1 + 2 * n2 > 0 else 0.5
-            setattr(self, f"keys{k}", torch.from_numpy(keys))
-            setattr(self, f"counts{k}", torch.from_numpy(table))
+            setattr(self, f"grams{k}", torch.from_numpy(uniq))
+            setattr(self, f"gcounts{k}", torch.from_numpy(cnt.astype(np.int32)))
             setattr(self, f"discount{k}", torch.tensor(float(min(max(d, 0.05), 0.95))))
             grams = uniq
+        self._build_tables()
+
+    def _build_tables(self) -> None:
+        """Dense (history, next) count tables from the persisted sparse counts, for fast lookup."""
+        V = self.vocab_size
+        self._tables = []
+        for k in range(self.context + 1):
+            uniq = getattr(self, f"grams{k}").numpy()
+            keys, rows = np.unique(uniq // V, return_inverse=True)
+            table = np.zeros((len(keys), V), dtype=np.float32)
+            table[rows, uniq % V] = getattr(self, f"gcounts{k}").numpy()
+            self._tables.append((keys, table))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # tables are sized by the data, so take them whole instead of copying into empty buffers
@@ -75,6 +86,7 @@ class NGram(nn.Module):
             if prefix + name in state_dict:
                 self._buffers[name] = state_dict[prefix + name].clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._build_tables()
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
@@ -89,8 +101,7 @@ class NGram(nn.Module):
                 older = np.zeros((B, T), dtype=np.int64)
                 older[:, k - 1:] = x[:, : T - k + 1]
                 history = history + older * V ** (k - 1)
-            keys = getattr(self, f"keys{k}").numpy()
-            table = getattr(self, f"counts{k}").numpy()
+            keys, table = self._tables[k] if self._tables else (np.zeros(0, dtype=np.int64), None)
             d = float(getattr(self, f"discount{k}"))
             if len(keys) == 0:
                 continue
