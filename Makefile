@@ -11,6 +11,8 @@ WORKERS ?= 1
 SET    ?=
 MODEL  ?= mlruns/best
 PORT   ?= 5000
+DPORT  ?= 8080
+STORE  ?= mlruns
 HOST   ?= 127.0.0.1
 TEXT   ?=
 # The development/CI copy of tiny shakespeare sits in ../shared/data; a user's own setting wins.
@@ -55,12 +57,18 @@ bench: $(STAMP) ## speed vs matmul peak and a plain PyTorch baseline, eval share
 	$(PY) bench/speed.py
 	$(PY) bench/sweep_load.py
 
-ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 (HOST=, PORT= to change) to compare runs
-	mkdir -p mlruns
-	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT)
+report: $(STAMP) ## Markdown report of a study with its plots: mlruns/reports/<study>/report.md (also on the parent run)
+	$(PY) -m charlm report $(SWEEP)
+
+dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:8080 over the study's storage (HOST=, DPORT= to change)
+	$(PY) -m charlm dashboard $(SWEEP) --host $(HOST) --port $(DPORT)
+
+ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over mlruns/ (HOST=, PORT=, STORE= to change) to compare runs
+	mkdir -p $(STORE)
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db --host $(HOST) --port $(PORT)
 
 clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install sweep best train sample eval test test-slow bench ui clean
+.PHONY: help install sweep best train sample eval test test-slow bench report dashboard ui clean

@@ -148,18 +148,56 @@ def cmd_best(args) -> int:
     return 0
 
 
+def _study(args):
+    from charlm.space import load_sweep
+    from charlm.sweep import open_study, storage_url
+
+    spec = load_sweep(args.sweep, storage=args.storage)
+    url = storage_url(spec)
+    return spec, open_study(spec, url), url
+
+
+def cmd_report(args) -> int:
+    from charlm.report import log_report, write_report
+
+    spec, study, _ = _study(args)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    path = log_report(spec, study, parent) if parent else write_report(spec, study)
+    print(f"wrote {path}" + (f" and logged it to the study's parent run {parent}" if parent else ""))
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    from optuna_dashboard import run_server
+
+    from charlm.sweep import open_storage, redact
+
+    spec, _, url = _study(args)
+    print(f"optuna-dashboard for study '{spec.study.name}' ({redact(url)}) on http://{args.host}:{args.port}", flush=True)
+    run_server(open_storage(url), host=args.host, port=args.port)
+    return 0
+
+
+def _examples(*lines: str) -> dict:
+    return {"epilog": "example:\n" + "\n".join(f"  {x}" for x in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m charlm", description="Character-level language models, tracked in MLflow.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train one model from an experiment YAML")
+    t = sub.add_parser("train", help="train one model from an experiment YAML", **_examples(
+        "python -m charlm train experiments/gpt.yaml --set train.max_steps=500 --set model.n_layer=2"))
     t.add_argument("experiment", help="experiment YAML, e.g. experiments/gpt.yaml")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable), e.g. --set train.lr=1e-3")
     t.add_argument("--out", metavar="DIR", help="also save the best checkpoint as DIR/model.pt")
     t.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
     t.set_defaults(func=cmd_train)
 
-    w = sub.add_parser("sweep", help="run (or resume) the Optuna study a sweep YAML declares")
+    w = sub.add_parser("sweep", help="run (or resume) the Optuna study a sweep YAML declares", **_examples(
+        "python -m charlm sweep sweeps/smoke.yaml --workers 2",
+        "python -m charlm sweep sweeps/default.yaml --storage postgresql://charlm@dbhost/optuna"))
     w.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
     w.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine (default 1)")
     w.add_argument("--n-trials", type=int, default=None, help="total trials for the study (overrides study.n_trials)")
@@ -168,13 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     w.set_defaults(func=cmd_sweep)
 
-    b = sub.add_parser("best", help="retrain the study's best trial with the full budget over seeds, test it, save it")
+    b = sub.add_parser("best", help="retrain the study's best trial with the full budget over seeds, test it, save it",
+                       **_examples("python -m charlm best sweeps/default.yaml --seeds 0 1"))
     b.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
     b.add_argument("--seeds", type=int, nargs="+", default=None, help="override best.seeds")
     b.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (overrides study.storage)")
     b.set_defaults(func=cmd_best)
 
-    e = sub.add_parser("eval", help="score a text with a checkpoint (full-pass protocol)")
+    e = sub.add_parser("eval", help="score a text with a checkpoint (full-pass protocol)", **_examples(
+        "python -m charlm eval --model mlruns/best/default --split test --json"))
     e.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH", help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", metavar="FILE", help="UTF-8 text file to score")
@@ -184,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sample", help="generate text from a checkpoint")
+    s = sub.add_parser("sample", help="generate text from a checkpoint", **_examples(
+        "python -m charlm sample --model mlruns/best --prompt 'ROMEO:' --chars 300"))
     s.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH", help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")
     s.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     s.add_argument("--chars", type=int, default=500, help="characters to generate (default 500)")
@@ -194,6 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-unknown", action="store_true", help="drop prompt characters outside the vocabulary")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.set_defaults(func=cmd_sample)
+
+    r = sub.add_parser("report", help="write a Markdown report of a study (mlruns/reports/<study>/) and log it",
+                       **_examples("python -m charlm report sweeps/smoke.yaml"))
+    r.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
+    r.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (overrides study.storage)")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("dashboard", help="optuna-dashboard over a study's storage (127.0.0.1 unless --host)",
+                       **_examples("python -m charlm dashboard sweeps/default.yaml --port 8080"))
+    d.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
+    d.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (overrides study.storage)")
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    d.set_defaults(func=cmd_dashboard)
     return p
 
 

@@ -73,7 +73,7 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
             seed_cfg = config.override(cfg, {"train.seed": seed}, where="best seeds")
             seed_cfg = replace(seed_cfg, name=f"best-seed-{seed}")
             # A finished seed is kept under a name tied to its exact config, so an interrupted
-            # `make best` run again picks up where it stopped instead of starting over.
+            # `make best` run again skips the seeds already done and resumes the one it was in.
             key = hashlib.sha256(dump_yaml(seed_cfg).encode()).hexdigest()[:12]
             done, kept = out / ".seeds" / f"seed-{seed}-{key}.json", out / ".seeds" / f"seed-{seed}-{key}.pt"
             if done.is_file() and kept.is_file():
@@ -83,7 +83,8 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
             else:
                 with MlflowTracker(spec.study.name, seed_cfg.name, parent_run_id=parent.run_id,
                                    tags={**tags, "seed": str(seed)}) as tracker:
-                    res = train(seed_cfg, tracker)
+                    # an interrupted seed resumes from its last evaluation, optimizer state included
+                    res = train(seed_cfg, tracker, state_path=out / ".seeds" / f"seed-{seed}-{key}.state.pt")
                     loaded = checkpoint.load(res.checkpoint) if res.checkpoint else None
                 row = {"seed": seed, "val_loss": res.best_val_loss, "test_loss": res.test_loss,
                        "steps": res.steps, "stop": res.stop_reason, "seconds": round(res.train_seconds, 1),

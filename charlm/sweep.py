@@ -29,9 +29,11 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from charlm import config
+from charlm import config, progress
 from charlm.data import Corpus, load_corpus
 from charlm.errors import CharlmError
+from charlm.progress import Progress
+from charlm.report import log_report, study_plots
 from charlm.space import SweepSpec, grid_space, space_size, suggest
 from charlm.stopping import Patience
 from charlm.tracking import MlflowTracker, file_lock, get_or_create_experiment, tracking_uri
@@ -480,38 +482,10 @@ def refresh_summary(session: Session, plots: bool | None = None) -> dict[str, An
         folder = Path(d)
         (folder / "best_params.json").write_text(json.dumps(summary, indent=2, default=str))
         (folder / "trials.csv").write_text(trials_table(trials, csv=True))
-        _plots(study, complete, folder)
+        study_plots(study, folder)
         for f in folder.iterdir():
             client.log_artifact(session.parent_run_id, str(f), "study")
     return summary
-
-
-def _plots(study: optuna.Study, complete: list, folder: Path) -> None:
-    if not complete:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plots = {"optimization_history.png": lambda: ovm.plot_optimization_history(study),
-                 "intermediate_values.png": lambda: ovm.plot_intermediate_values(study)}
-        if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 2:
-            plots["param_importances.png"] = lambda: ovm.plot_param_importances(study)
-        for name, make in plots.items():
-            try:
-                ax = make()
-                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-                fig.set_size_inches(8, 5)
-                fig.tight_layout()
-                fig.savefig(folder / name, dpi=90)
-            except Exception as e:  # a plot that cannot be drawn yet must not stop the sweep
-                print(f"(plot {name} skipped: {type(e).__name__}: {e})", file=sys.stderr)
-            finally:
-                plt.close("all")
 
 
 def trials_table(trials, csv: bool = False, limit: int | None = None) -> str:
@@ -555,7 +529,43 @@ def target_trials(spec: SweepSpec) -> int:
     return spec.study.n_trials
 
 
-def worker_loop(session: Session, deadline: float | None) -> None:
+class SweepProgress:
+    """The coordinator's view of the whole study: trials done of the target (pruned and failed
+    counted apart), the best value so far and an ETA from the pace since this call started."""
+
+    def __init__(self, session: Session, deadline: float | None):
+        self.session, self.deadline = session, deadline
+        self.target = target_trials(session.spec)
+        self.start_done = counted(session.study)
+        self.t0 = time.time()
+        self.bar = Progress(f"sweep {session.spec.study.name}", self.target, "trial", initial=self.start_done)
+        self.shown = self.start_done
+
+    def update(self) -> None:
+        study = self.session.study
+        trials = study.get_trials(deepcopy=False)
+        done = counted(study)
+        if done == self.shown:
+            return
+        self.bar.advance(done - self.shown)
+        self.shown = done
+        n = {s: sum(t.state == s for t in trials) for s in (TrialState.PRUNED, TrialState.FAIL)}
+        complete = [t.value for t in trials if t.state == TrialState.COMPLETE]
+        best = f"{min(complete):.4f}" if complete else "-"
+        rate = (time.time() - self.t0) / max(1, done - self.start_done)
+        eta = rate * max(0, self.target - done)
+        if self.deadline:
+            eta = min(eta, max(0.0, self.deadline - time.time()))
+        eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        self.bar.event(f"{done}/{self.target} trials ({n[TrialState.PRUNED]} pruned, {n[TrialState.FAIL]} failed), "
+                       f"best val {best}, ETA {eta_text}", pruned=n[TrialState.PRUNED], failed=n[TrialState.FAIL],
+                       best=best, eta=eta_text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def worker_loop(session: Session, deadline: float | None, shown: SweepProgress | None = None) -> None:
     """Run trials until the study holds its target of counted trials or the deadline passes."""
     spec, study = session.spec, session.study
     lock = lock_path(spec, session.storage_url)
@@ -569,7 +579,10 @@ def worker_loop(session: Session, deadline: float | None) -> None:
                 break
             trial = study.ask()
         state = run_trial(session, trial)
-        print(f"[worker {session.worker}] trial {trial.number}: {state.name}", file=sys.stderr, flush=True)
+        if shown is not None:
+            shown.update()
+        else:
+            print(f"[worker {session.worker}] trial {trial.number}: {state.name}", file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):
             with file_lock(lock):
                 refresh_summary(session)
@@ -578,6 +591,7 @@ def worker_loop(session: Session, deadline: float | None) -> None:
 def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> int:
     url = storage_url(spec)
     deadline = time.time() + spec.study.timeout_min * 60 if spec.study.timeout_min else None
+    progress.TRAINING["enabled"] = False  # the sweep reports per trial, not per evaluation
     if worker_index is not None:  # a child started by the coordinator below
         study = open_study(spec, url, worker=worker_index)
         session = Session(spec, url, study, study.user_attrs["mlflow_parent_run_id"], worker_index)
@@ -590,22 +604,29 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> i
           f"parent run {session.parent_run_id}; {counted(session.study)}/{target_trials(spec)} trials so far",
           file=sys.stderr)
     status = "FINISHED"
+    shown = SweepProgress(session, deadline)
     try:
         if workers <= 1:
-            worker_loop(session, deadline)
+            worker_loop(session, deadline, shown)
         else:
-            _spawn(spec, workers, url)
+            _spawn(spec, workers, url, shown)
             # a worker that died after the others had finished leaves its trial to no one: the
             # coordinator fails it, and runs what is queued itself
-            worker_loop(session, deadline)
+            worker_loop(session, deadline, shown)
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise
     finally:
+        shown.close()
         from mlflow.tracking import MlflowClient
 
         with contextlib.suppress(Exception):
             refresh_summary(session, plots=status == "FINISHED")  # on Ctrl-C, exit fast
+        if status == "FINISHED":
+            try:
+                print(f"report: {log_report(spec, session.study, session.parent_run_id)}", file=sys.stderr)
+            except Exception as e:  # the trials are safe either way; say why the report is missing
+                print(f"(report skipped: {type(e).__name__}: {e})", file=sys.stderr)
         MlflowClient(tracking_uri()).set_terminated(session.parent_run_id, status=status)
     trials = session.study.get_trials(deepcopy=False)
     print(trials_table(trials, limit=15))
@@ -622,7 +643,7 @@ def _threads_for(workers: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
 
 
-def _spawn(spec: SweepSpec, workers: int, storage_url: str) -> None:
+def _spawn(spec: SweepSpec, workers: int, storage_url: str, shown: SweepProgress | None = None) -> None:
     args = [sys.executable, "-m", "charlm", "sweep", spec.path, "--n-trials", str(spec.study.n_trials),
             "--storage", storage_url, "--workers", str(workers)]
     procs = [subprocess.Popen(args + ["--worker-index", str(i)]) for i in range(workers)]
@@ -635,8 +656,14 @@ def _spawn(spec: SweepSpec, workers: int, storage_url: str) -> None:
 
     old = signal.signal(signal.SIGTERM, forward)
     try:
-        for p in procs:
-            p.wait()
+        alive = procs
+        while alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                alive[0].wait(timeout=2)
+            alive = [p for p in procs if p.poll() is None]
+            if shown is not None:
+                with contextlib.suppress(Exception):  # a progress line must never stop the sweep
+                    shown.update()
     except KeyboardInterrupt:
         for p in procs:  # children got the terminal's SIGINT too; give them time to close their runs
             with contextlib.suppress(subprocess.TimeoutExpired):

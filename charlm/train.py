@@ -3,12 +3,16 @@
 AdamW (decay on matrices only), warmup then decay, gradient clipping, step and wall-clock budgets,
 an evaluation every ``validation_interval`` steps feeding the patience rule, best weights restored
 at the end, then full-pass val and test evaluations. The one hook, ``on_eval``, sees every
-evaluation and may return a stop reason (the sweep returns ``"pruned"``).
+evaluation and may return a stop reason (the sweep returns ``"pruned"``). With ``state_path`` the
+whole training state (weights, optimizer moments, step, best weights, patience, batch order, clock)
+is written there atomically at every evaluation, and a later call with the same config resumes from
+it instead of starting over (``make best`` uses this for a seed that was interrupted).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -18,11 +22,12 @@ from typing import Callable
 
 import torch
 
-from charlm import checkpoint
-from charlm.config import Config, dump_yaml, flatten
+from charlm import checkpoint, progress
+from charlm.config import Config, dump_yaml, flatten, to_dict
 from charlm.data import Batcher, Corpus, load_corpus
 from charlm.evaluate import EvalResult, full_pass
 from charlm.models import build_model, count_params, generate
+from charlm.progress import Progress
 from charlm.stopping import Patience
 from charlm.tracking import git_commit
 
@@ -126,15 +131,24 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: str) -> torch.op
         return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
-def _progress(total: int):
-    from tqdm import tqdm
+STATE_FORMAT = "charlm-train-state/1"
 
-    # disable=None: quiet when stderr is not a terminal (CI, logs, sweep workers)
-    return tqdm(total=total, unit="step", dynamic_ncols=True, disable=None, leave=False)
+
+def _read_state(path: Path | None, cfg: Config) -> dict | None:
+    """The saved training state at ``path`` if it exists and was made by this exact config."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a state file cut short cannot be resumed from; start over
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("config") != to_dict(cfg):
+        return None
+    return state
 
 
 def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | None = None,
-          corpus: Corpus | None = None) -> RunResult:
+          corpus: Corpus | None = None, state_path: Path | None = None) -> RunResult:
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -170,6 +184,7 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
     ckpt_path = tracker.workdir / "model" / checkpoint.FILENAME
 
     stop = Patience(cfg.train.patience, cfg.train.min_relative_improvement)
+    resumed = _read_state(state_path, cfg) if trainable else None
     # Worse than twice a uniform guess is no longer training (lr=10 lands near 10 nats, not at NaN)
     diverged_above = 2 * math.log(len(corpus.vocab))
     history: list[dict] = []
@@ -178,8 +193,34 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
     train_losses: list[float] = []
     eval_seconds = 0.0
     t0 = time.perf_counter()
-    t_window, tokens_window = t0, 0
     step = 0
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        best_state = resumed["best_state"]
+        stop = Patience(**resumed["patience"])
+        history = resumed["history"]
+        step, eval_seconds = resumed["step"], resumed["eval_seconds"]
+        t0 -= resumed["elapsed"]  # the clock budget and the schedule carry on where they stopped
+        batches.gen.set_state(resumed["batch_rng"])
+        torch.set_rng_state(resumed["torch_rng"])
+        for row in history:  # this run's curves start at step 0 like any other
+            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        tracker.set_tags({"resumed_from_step": str(step)})
+        if stop.should_stop:  # saved at the evaluation that ran out of patience
+            stop_reason = "early_stop"
+        print(f"resuming from step {step} (saved state {Path(state_path).name})", flush=True)
+    t_window, tokens_window = time.perf_counter(), 0
+
+    def save_state() -> None:
+        if state_path is None:
+            return
+        state = {"format": STATE_FORMAT, "config": to_dict(cfg), "step": step, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "best_state": best_state,
+                 "patience": dataclasses.asdict(stop), "history": history,
+                 "elapsed": time.perf_counter() - t0, "eval_seconds": eval_seconds,
+                 "batch_rng": batches.gen.get_state(), "torch_rng": torch.get_rng_state()}
+        checkpoint.write_atomic(Path(state_path), lambda f: torch.save(state, f))
 
     def evaluate(step: int, lr: float, tokens_per_sec: float) -> tuple[dict, bool]:
         """One intermediate evaluation: metrics, the patience rule, the best checkpoint.
@@ -205,10 +246,11 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
     if not trainable:  # nothing to optimise: one evaluation of the fitted model
         evaluate(0, 0.0, len(corpus.train) / max(fit_seconds, 1e-9))
         stop_reason = "fitted"
-    bar = _progress(cfg.train.max_steps if trainable else 0)
+    bar = Progress(f"train {cfg.name or cfg.model.kind}", cfg.train.max_steps, "step",
+                   enabled=trainable and progress.TRAINING["enabled"], initial=step)
     model.train()
     try:
-        while trainable and step < cfg.train.max_steps:
+        while trainable and not stop.should_stop and step < cfg.train.max_steps:
             lr = lr_at(step, cfg, time.perf_counter() - t0)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -226,7 +268,7 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             optimizer.step()
             step += 1
-            bar.update(1)
+            bar.advance()
             train_losses.append(loss_value)
             tokens_window += tokens_per_step
             elapsed = time.perf_counter() - t0
@@ -234,8 +276,12 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
             if step % cfg.train.validation_interval == 0 or step == cfg.train.max_steps or out_of_time:
                 tokens_per_sec = tokens_window / max(1e-9, time.perf_counter() - t_window)
                 row, fired = evaluate(step, lr, tokens_per_sec)
+                save_state()
                 val_loss = row["val_loss"]
-                bar.set_postfix(val=f"{val_loss:.4f}", best=f"{stop.best:.4f}")
+                bar.event(f"step {step}/{cfg.train.max_steps} loss {row.get('train_loss', math.nan):.4f} "
+                          f"val {val_loss:.4f} (best {stop.best:.4f}) {tokens_per_sec / 1000:.1f}k tok/s",
+                          loss=f"{row.get('train_loss', math.nan):.4f}", val=f"{val_loss:.4f}",
+                          best=f"{stop.best:.4f}", tok_s=f"{tokens_per_sec / 1000:.1f}k")
                 if not math.isfinite(val_loss) or val_loss > diverged_above:
                     stop_reason = "diverged"
                     break
@@ -261,6 +307,8 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
     finally:
         bar.close()
     train_seconds = time.perf_counter() - t0
+    if state_path is not None:  # finished: nothing left to resume
+        Path(state_path).unlink(missing_ok=True)
 
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -119,3 +119,55 @@ def test_a_kill_mid_write_never_leaves_a_checkpoint_that_loads_wrong(model_file,
         if target.exists():
             assert checkpoint.load(target).meta == checkpoint.load(model_file).meta
     assert target.exists()
+
+
+def _in_pty(args, env) -> tuple[int, str]:
+    """Run ``python -m charlm ARGS`` with a pseudo-terminal as its stdin, stdout and stderr."""
+    import os
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a terminal 120 columns wide (a new pty has 0), then exec
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+        os.execve(PYTHON, [PYTHON, "-m", "charlm", *args], env)
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_progress_is_a_live_bar_in_a_terminal_and_plain_lines_under_ci(tiny_cfg, tmp_path):
+    import os
+
+    from charlm.config import dump_yaml
+
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(dump_yaml(tiny_cfg))
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    code, out = _in_pty(["train", str(exp), "--no-track"], env)
+    assert code == 0, out[-2000:]
+    # tqdm redraws one line in place: carriage returns, a step counter, the postfix fields
+    assert "\r" in out and "40/40" in out and "val=" in out and "tok_s=" in out
+    assert "step 10/40 loss" not in out
+    code, out = _in_pty(["train", str(exp), "--no-track"], {**env, "CI": "true"})
+    assert code == 0, out[-2000:]
+    lines = [x for x in out.replace("\r\n", "\n").split("\n") if x.startswith("train tiny step")]
+    assert "\r" not in out.replace("\r\n", "\n")
+    assert [x.split()[3] for x in lines] == ["10/40", "20/40", "30/40", "40/40"]
+    assert all(" loss " in x and " val " in x and "tok/s" in x for x in lines)
+    # not a terminal at all (a log file, a pipe): the same plain lines
+    r = subprocess.run([PYTHON, "-m", "charlm", "train", str(exp), "--no-track"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0 and r.stderr.count("train tiny step") == 4 and "\r" not in r.stderr

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -241,6 +242,52 @@ def test_resume_counts_the_total_across_calls(smoke_sweep):
     _, runs = mlflow_runs(cwd, "smoke")
     assert sum(1 for x in runs if x.data.tags.get("charlm.role") == "study") == 1  # parent reused
     assert sum(1 for x in runs if x.data.tags.get("charlm.role") == "baseline") == 1  # not re-run
+
+
+def test_parent_run_holds_the_study_plots_and_report_and_each_trial_its_curve(smoke_sweep):
+    cwd, r = smoke_sweep
+    client, runs = mlflow_runs(cwd, "smoke")
+    parent = next(x for x in runs if x.data.tags.get("charlm.role") == "study")
+    logged = {f.path for d in ("study", "report") for f in client.list_artifacts(parent.info.run_id, d)}
+    for plot in ("optimization_history", "intermediate_values", "param_importances", "quality_vs_time"):
+        assert f"study/{plot}.png" in logged and f"report/{plot}.png" in logged
+    assert "report/report.md" in logged
+    report = (cwd / "mlruns" / "reports" / "smoke" / "report.md").read_text()
+    study = journal_study(cwd, "smoke")
+    assert "| PRUNED |" in report and f"| {study.best_trial.number} | COMPLETE | {study.best_value:.4f} |" in report
+    assert "saved." in report and "![quality_vs_time](quality_vs_time.png)" in report
+    for run in (x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id):
+        assert "loss_curve.png" in {f.path for f in client.list_artifacts(run.info.run_id)}
+    # the report command rebuilds it, with no traceback for a study that does not exist
+    r = cli("report", str(SMOKE), cwd=cwd)
+    assert r.returncode == 0 and "report.md" in r.stdout
+    r = cli("report", str(SMOKE), cwd=cwd / "mlruns")
+    assert r.returncode == 2 and r.stderr.startswith("error: No study 'smoke'")
+
+
+def test_dashboard_serves_the_study_on_loopback(smoke_sweep):
+    import socket
+    import urllib.request
+
+    cwd, _ = smoke_sweep
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([PYTHON, "-m", "charlm", "dashboard", str(SMOKE), "--port", str(port)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, body = time.time() + 60, None
+        while time.time() < deadline and body is None and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as resp:
+                    body = json.loads(resp.read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "optuna-dashboard did not answer"
+        assert [x["study_name"] for x in body["study_summaries"]] == ["smoke"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_best_retrains_saves_and_evaluates(smoke_sweep):
@@ -497,16 +544,24 @@ def test_best_interrupted_then_run_again_resumes(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     seeds = tmp_path / "mlruns" / "best" / "resumebest" / ".seeds"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(seeds.glob("seed-0-*.pt")):
-        time.sleep(0.5)
-    time.sleep(3)  # into the second seed
+    # seed 0 done, and seed 1 past its first evaluations (its training state saved)
+    while time.time() < deadline and proc.poll() is None and not list(seeds.glob("seed-1-*.state.pt")):
+        time.sleep(0.2)
+    time.sleep(1)
     assert proc.poll() is None, "best finished before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 143
     client, runs = mlflow_runs(tmp_path, "resumebest")
     assert not [x for x in runs if x.info.status == "RUNNING"]
     assert [x.info.status for x in runs if x.data.tags.get("seed") == "1"] == ["KILLED"]
+    state = torch.load(next(seeds.glob("seed-1-*.state.pt")), weights_only=True)
     r = cli("best", str(f), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "seed 0:" in r.stdout and r.stdout.count("kept from an earlier run") == 1  # seed 0 kept
+    # seed 1 carries on from its last saved evaluation, not from step 0
+    assert f"resuming from step {state['step']}" in r.stdout and state["step"] > 0
+    assert not list(seeds.glob("*.state.pt"))
+    _, runs = mlflow_runs(tmp_path, "resumebest")
+    resumed = [x for x in runs if x.data.tags.get("seed") == "1" and x.info.status == "FINISHED"]
+    assert len(resumed) == 1 and resumed[0].data.tags["resumed_from_step"] == str(state["step"])
     assert (tmp_path / "mlruns" / "best" / "resumebest" / "model.pt").is_file()

@@ -166,3 +166,34 @@ def test_divergence_stops_the_run(tiny_cfg):
         cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, lr=lr, warmup_steps=0))
         res = train(cfg, NullTracker())
         assert res.stop_reason == "diverged" and res.steps <= 10, lr
+
+
+def test_interrupted_run_resumes_from_its_saved_state_to_the_same_result(tiny_cfg, tmp_path):
+    """With state_path, a run stopped at step 20 and started again carries on from step 20
+    (weights, optimizer moments, batch order, patience) and ends exactly where an
+    uninterrupted run ends; the finished run removes its state file."""
+    straight = train(tiny_cfg, NullTracker())
+    state = tmp_path / "state.pt"
+
+    def interrupt(event):
+        if event.step == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg, NullTracker(), on_eval=interrupt, state_path=state)
+    assert state.is_file()
+    tracker = NullTracker()
+    resumed = train(tiny_cfg, tracker, state_path=state)
+    assert tracker.tags["resumed_from_step"] == "20"
+    assert [s for s, _ in tracker.metrics["val_loss"]] == [10, 20, 30, 40]  # the curve is whole
+    assert resumed.steps == straight.steps == 40
+    assert resumed.best_val_loss == pytest.approx(straight.best_val_loss, abs=1e-6)
+    assert resumed.test_loss == pytest.approx(straight.test_loss, abs=1e-6)
+    assert not state.exists()
+    # a state file from another config is not used: the run starts over
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg, NullTracker(), on_eval=interrupt, state_path=state)
+    other = config.override(tiny_cfg, {"train.lr": 1e-3}, where="test")
+    tracker = NullTracker()
+    train(other, tracker, state_path=state)
+    assert "resumed_from_step" not in tracker.tags

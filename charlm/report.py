@@ -1,0 +1,182 @@
+"""A study, explained: plots for its parent run and a Markdown report.
+
+``study_plots`` draws the optimisation history, parameter importances, intermediate values (pruned
+trials end early, visibly) and quality against training time for every trial. ``write_report``
+puts them beside ``report.md`` under ``mlruns/reports/<study>/``: counts by state, the top trials
+with their parameters, stop reasons and steps, the compute early stopping and pruning saved, and the
+best model's test figures when ``make best`` has run. The sweep logs both to its parent run when it
+ends; ``python -m charlm report SWEEP.yaml`` (``make report``) rebuilds them at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from charlm.space import SweepSpec, suggest
+
+REPORT_ROOT = Path("mlruns") / "reports"
+
+
+def _plt():
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def quality_vs_time(study: optuna.Study, path: Path) -> Path | None:
+    """Every finished trial: val loss against its training seconds, by model kind and state."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+              if "train_seconds" in t.user_attrs and (t.value is not None or t.intermediate_values)]
+    if not trials:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    kinds = sorted({str(t.params.get("model.kind", "model")) for t in trials})
+    colors = dict(zip(kinds, ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple"]))
+    for kind in kinds:
+        for state, marker in ((TrialState.COMPLETE, "o"), (TrialState.PRUNED, "x")):
+            pts = [(t.user_attrs["train_seconds"], _value(t), t.number) for t in trials
+                   if str(t.params.get("model.kind", "model")) == kind and t.state == state]
+            if not pts:
+                continue
+            xs, ys, ns = zip(*pts)
+            ax.scatter(xs, ys, marker=marker, color=colors[kind], label=f"{kind} {state.name.lower()} ({len(pts)})")
+            for x, y, n in pts:
+                ax.annotate(str(n), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("val loss, nats/char (pruned: best before pruning)")
+    ax.set_title(f"study '{study.study_name}': quality vs training time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _value(t) -> float:
+    return t.value if t.value is not None else min(t.intermediate_values.values())
+
+
+def study_plots(study: optuna.Study, folder: Path) -> list[Path]:
+    """The study's plots as PNG files in ``folder``; a plot that cannot be drawn yet is skipped."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return []
+    plt = _plt()
+    from optuna.visualization import matplotlib as ovm
+
+    plots = {"optimization_history.png": lambda: ovm.plot_optimization_history(study),
+             "intermediate_values.png": lambda: ovm.plot_intermediate_values(study)}
+    if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 2:
+        plots["param_importances.png"] = lambda: ovm.plot_param_importances(study)
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, make in plots.items():
+            try:
+                ax = make()
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                fig.set_size_inches(8, 5)
+                fig.tight_layout()
+                fig.savefig(folder / name, dpi=90)
+                out.append(folder / name)
+            except Exception as e:  # a plot that cannot be drawn yet must not stop the sweep
+                print(f"(plot {name} skipped: {type(e).__name__}: {e})", file=sys.stderr)
+            finally:
+                plt.close("all")
+    if quality_vs_time(study, folder / "quality_vs_time.png"):
+        out.append(folder / "quality_vs_time.png")
+    return out
+
+
+def _budget(spec: SweepSpec, t) -> tuple[float, str]:
+    """The trial's budget: seconds when the clock bounds it, else steps."""
+    cfg = spec.trial_config(suggest(optuna.trial.FixedTrial(t.params, t.number), spec), t.number)
+    if cfg.train.max_minutes > 0:
+        return cfg.train.max_minutes * 60, "seconds"
+    return float(cfg.train.max_steps), "steps"
+
+
+def compute_saved(spec: SweepSpec, trials) -> dict:
+    """What early stopping and pruning saved against running every finished trial to its budget."""
+    used = budget = 0.0
+    unit = "seconds"
+    for t in trials:
+        if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or "steps" not in t.user_attrs:
+            continue
+        b, unit = _budget(spec, t)
+        budget += b
+        used += t.user_attrs["train_seconds"] if unit == "seconds" else t.user_attrs["steps"]
+    return {"used": used, "budget": budget, "unit": unit, "saved_share": 1 - used / budget if budget else 0.0}
+
+
+def write_report(spec: SweepSpec, study: optuna.Study, out: Path | None = None, top: int = 10) -> Path:
+    """``report.md`` and its plots under ``out`` (default ``mlruns/reports/<study>/``)."""
+    out = Path(out or REPORT_ROOT / spec.study.name)
+    out.mkdir(parents=True, exist_ok=True)
+    trials = study.get_trials(deepcopy=False)
+    plots = study_plots(study, out)
+    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+    finished = sorted((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
+                      key=lambda t: (t.state != TrialState.COMPLETE, _value(t)))
+    saved = compute_saved(spec, trials)
+    lines = [f"# Study `{spec.study.name}`", "",
+             f"Sweep file `{spec.path}`: {spec.sampler.type} sampler, {spec.pruner.type} pruner, "
+             f"target {spec.study.n_trials} trials. Losses are nats per character.", "",
+             "## Trials by state", "", "| state | trials |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in counts.items()]
+    lines += ["", f"## Top {min(top, len(finished))} trials", "",
+              "| trial | state | val loss | stop | steps | train s | params |", "|---|---|---|---|---|---|---|"]
+    for t in finished[:top]:
+        params = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                           for k, v in t.params.items())
+        lines.append(f"| {t.number} | {t.state.name} | {_value(t):.4f} | {t.user_attrs.get('stop_reason', '')} | "
+                     f"{t.user_attrs.get('steps', '')} | {t.user_attrs.get('train_seconds', 0):.0f} | {params} |")
+    lines += ["", "## Compute saved by early stopping and pruning", "",
+              f"Finished trials used {saved['used']:,.0f} of the {saved['budget']:,.0f} {saved['unit']} their "
+              f"budgets allowed: {saved['saved_share']:.0%} saved.", ""]
+    best_file = Path("mlruns") / "best" / spec.study.name / "metrics.json"
+    lines += ["## Best model", ""]
+    if best_file.is_file():
+        m = json.loads(best_file.read_text())
+        lines.append(f"`make best` retrained trial {m['trial']} over seeds {m['seeds']}: test loss "
+                     f"**{m['test_loss_mean']:.4f} ± {m['test_loss_std']:.4f}** (val {m['val_loss_mean']:.4f}); "
+                     f"saved seed {m['saved_seed']} to `{best_file.parent}/`.")
+        if "network_test_loss_mean" in m:
+            lines.append(f"The network alone scored {m['network_test_loss_mean']:.4f} ± "
+                         f"{m['network_test_loss_std']:.4f}; the rest is the n-gram mixture.")
+        lines += ["", "| seed | val | test | steps | stop |", "|---|---|---|---|---|"]
+        lines += [f"| {r['seed']} | {r['val_loss']:.4f} | {r['test_loss']:.4f} | {r['steps']} | {r['stop']} |"
+                  for r in m["runs"]]
+    else:
+        lines.append(f"Not retrained yet: run `make best SWEEP={spec.path}`.")
+    lines += ["", "## Plots", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "report.md"
+
+
+def log_report(spec: SweepSpec, study: optuna.Study, parent_run_id: str) -> Path:
+    """Write the report and log it with its plots to the study's parent MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from charlm.tracking import tracking_uri
+
+    path = write_report(spec, study)
+    client = MlflowClient(tracking_uri())
+    for f in sorted(path.parent.iterdir()):
+        if f.suffix in (".md", ".png"):
+            client.log_artifact(parent_run_id, str(f), "report")
+    return path
