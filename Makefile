@@ -13,6 +13,10 @@ MODEL  ?= mlruns/best
 PORT   ?= 5000
 DPORT  ?= 8080
 STORE  ?= mlruns
+# `make server`: its own store (workers elsewhere cannot write a local artifact path), artifacts served
+BACKEND   ?= sqlite:///$(abspath mlruns/server)/mlflow.db
+ARTIFACTS ?= mlruns/server/artifacts
+ALLOWED_HOSTS ?=  # Host headers the server answers besides localhost and private IPs, e.g. mlflow.lab:5000
 HOST   ?= 127.0.0.1
 TEXT   ?=
 # The development/CI copy of tiny shakespeare sits in ../shared/data; a user's own setting wins.
@@ -50,8 +54,11 @@ eval: $(STAMP) ## score a text file: make eval MODEL=... TEXT=file.txt
 test: $(STAMP) ## the test suite (fast tests, a few minutes on 2 cores)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP) ## the long tests (full trainings, process kills)
+test-slow: $(STAMP) ## the long tests (full trainings, process kills, the UI in Chromium)
 	$(PY) -m pytest -q -m slow
+
+test-pg: $(STAMP) ## scale-out test: a throwaway PostgreSQL, an MLflow server, two workers, one killed
+	$(PY) -m pytest -q -m pg
 
 bench: $(STAMP) ## speed vs matmul peak and a plain PyTorch baseline, eval share, memory; sweep load (trials/min, overhead)
 	$(PY) bench/speed.py
@@ -67,8 +74,13 @@ ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over mlruns/ (HOST=, PORT=, S
 	mkdir -p $(STORE)
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db --host $(HOST) --port $(PORT)
 
+server: $(STAMP) ## MLflow tracking server for many machines: make server BACKEND=postgresql://mlflow@db/mlflow HOST=0.0.0.0
+	mkdir -p $(ARTIFACTS)
+	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND) --artifacts-destination $(abspath $(ARTIFACTS)) \
+		--serve-artifacts --host $(HOST) --port $(PORT) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
+
 clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install sweep best train sample eval test test-slow bench report dashboard ui clean
+.PHONY: help install sweep best train sample eval test test-slow test-pg bench report dashboard ui server clean

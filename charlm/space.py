@@ -271,6 +271,9 @@ def _condition(path: str, text: str, params: dict[str, Param]) -> tuple[str, tup
     return key, values
 
 
+_PASSWORD = re.compile(r"://[^/@:]+:[^@/]*@")  # user:password@ in a URL
+
+
 def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | None = None) -> SweepSpec:
     path = str(path)
     try:
@@ -291,7 +294,13 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
         raise _fail(path, "study.name", "letters, digits, '_', '.', '-'", study.name)
     if n_trials is not None:
         study = dataclasses.replace(study, n_trials=n_trials)
+    if _PASSWORD.search(study.storage):
+        raise SweepError(f"study.storage in {path} holds a password; sweep files are shared and committed. "
+                         "Put it in PGPASSWORD or a .pgpass file (PGPASSFILE) and write postgresql://user@host/db")
     if storage:
+        if _PASSWORD.search(storage):
+            raise SweepError("--storage holds a password, which the process list and shell history would show; "
+                             "put it in PGPASSWORD or a .pgpass file (PGPASSFILE) and pass postgresql://user@host/db")
         study = dataclasses.replace(study, storage=storage)
     if study.n_trials < 1:
         raise _fail(path, "study.n_trials", "an integer >= 1", study.n_trials)

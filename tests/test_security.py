@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT
+from conftest import PYTHON, ROOT
 
 SOURCES = [p for d in ("charlm", "bench", "docs", "tests") for p in (ROOT / d).rglob("*.py")]
 
@@ -81,3 +81,21 @@ def test_make_ui_binds_loopback_with_host_and_cors_protection(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_password_in_a_sweep_file_or_on_the_command_line_is_refused(tmp_path):
+    import yaml
+
+    from charlm.space import SweepError, load_sweep
+
+    doc = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    doc["study"]["storage"] = "postgresql://alice:s3cret@db/optuna"
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SweepError, match="holds a password") as e:
+        load_sweep(f)
+    assert "s3cret" not in str(e.value)
+    r = subprocess.run([PYTHON, "-m", "charlm", "sweep", str(ROOT / "sweeps" / "smoke.yaml"), "--storage",
+                        "postgresql://alice:s3cret@db/optuna"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "--storage holds a password" in r.stderr and "s3cret" not in r.stderr + r.stdout
