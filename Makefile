@@ -58,7 +58,7 @@ test-slow: $(STAMP) ## the long tests (full trainings, process kills, the UI in 
 	$(PY) -m pytest -q -m slow
 
 test-pg: $(STAMP) ## scale-out test: a throwaway PostgreSQL, an MLflow server, two workers, one killed
-	$(PY) -m pytest -q -m pg
+	$(PY) -m pytest -q -s -m pg
 
 bench: $(STAMP) ## speed vs matmul peak and a plain PyTorch baseline, eval share, memory; sweep load (trials/min, overhead)
 	$(PY) bench/speed.py
