@@ -1,6 +1,6 @@
 """Training speed of the shipped configs against the machine's own matmul peak, in one run.
 
-    python bench/speed.py [--steps 10] [--run-steps 300] [--configs experiments/gpt.yaml ...]
+    python bench/speed.py [--steps 10] [--run-steps 300] [--configs experiments/gpt.yaml ...] [--set model.n_embd=192]
 
 Prints, for each config in fp32 and bf16: training tokens/s, model FLOP/s (6N + attention per
 token) and that as a fraction of the matmul peak measured for the same dtype in this same run;
@@ -104,20 +104,20 @@ import json, resource, sys
 from charlm import config
 from charlm.tracking import NullTracker
 from charlm.train import train
-cfg = config.load(sys.argv[1], [f"train.max_steps={sys.argv[2]}", "train.patience=0"])
+cfg = config.load(sys.argv[1], sys.argv[3:] + [f"train.max_steps={sys.argv[2]}", "train.patience=0"])
 r = train(cfg, NullTracker())
 print(json.dumps({"steps": r.steps, "train_seconds": r.train_seconds, "eval_seconds": r.eval_seconds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def run_measured(path: str, steps: int) -> dict:
+def run_measured(path: str, steps: int, overrides: list[str]) -> dict:
     """A real training run (intermediate evaluations included) in a child process: eval share
     of the training loop's time, and the child's peak resident memory."""
     import json
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", RUN, path, str(steps)], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", RUN, path, str(steps), *overrides], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["eval_share"] = r["eval_seconds"] / r["train_seconds"]
@@ -129,6 +129,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="training steps per timing (default 10)")
     ap.add_argument("--configs", nargs="+", default=["experiments/gpt.yaml", "experiments/ff.yaml"])
     ap.add_argument("--run-steps", type=int, default=300, help="steps of the measured real run (default 300)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key in every config (repeatable), e.g. --set model.n_embd=192")
     args = ap.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -142,7 +144,7 @@ def main() -> int:
     print("-" * len(header))
     speeds: dict[tuple[str, str], float] = {}
     for path in args.configs:
-        cfg = config.load(path)
+        cfg = config.load(path, args.set)
         model = build_model(cfg, VOCAB)
         n = count_params(model)
         fpt = model.flops_per_token(cfg.data.context)
@@ -161,7 +163,7 @@ def main() -> int:
     for path in args.configs:
         if (path, "fp32-baseline") not in speeds:
             continue
-        cfg = config.load(path)
+        cfg = config.load(path, args.set)
         from charlm.train import bf16_supported
 
         prec = "bf16" if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and bf16_supported("cpu")) else "fp32"
@@ -171,7 +173,7 @@ def main() -> int:
     print()
     print(f"{'config':<24}{'steps':>7}{'train s':>9}{'eval s':>8}{'eval share':>12}{'peak RSS':>11}")
     for path in args.configs:
-        r = run_measured(path, args.run_steps)
+        r = run_measured(path, args.run_steps, args.set)
         print(f"{Path(path).name:<24}{r['steps']:>7}{r['train_seconds']:>9.1f}{r['eval_seconds']:>8.1f}"
               f"{r['eval_share']:>12.1%}{r['peak_rss_mb']:>8.0f} MB")
     return 0
