@@ -23,6 +23,8 @@ TEXT   ?=
 export CHARLM_DATA_MIRROR ?= $(abspath ../shared/data)
 
 SET_ARGS := $(foreach s,$(SET),--set $(s))
+STORAGE ?=  # an Optuna storage URL for sweep/best/report/dashboard, e.g. postgresql://charlm@dbhost/optuna
+STORAGE_ARG := $(if $(STORAGE),--storage $(STORAGE))
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,11 +38,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP) ## create .venv and install pinned requirements (done on first use by every target)
 
-sweep: $(STAMP) ## run or resume an Optuna study: make sweep SWEEP=sweeps/smoke.yaml WORKERS=2
-	$(PY) -m charlm sweep $(SWEEP) --workers $(WORKERS)
+sweep: $(STAMP) ## run or resume an Optuna study: make sweep SWEEP=sweeps/smoke.yaml WORKERS=2 [STORAGE=url]
+	$(PY) -m charlm sweep $(SWEEP) --workers $(WORKERS) $(STORAGE_ARG)
 
 best: $(STAMP) ## retrain the study's best trial with the full budget over seeds, test it, save to mlruns/best/<study>/
-	$(PY) -m charlm best $(SWEEP)
+	$(PY) -m charlm best $(SWEEP) $(STORAGE_ARG)
 
 train: $(STAMP) ## train one model: make train EXP=experiments/gpt.yaml SET="train.lr=1e-3 train.max_steps=500"
 	$(PY) -m charlm train $(EXP) $(SET_ARGS)
@@ -65,10 +67,10 @@ bench: $(STAMP) ## speed vs matmul peak and a plain PyTorch baseline, eval share
 	$(PY) bench/sweep_load.py
 
 report: $(STAMP) ## Markdown report of a study with its plots: mlruns/reports/<study>/report.md (also on the parent run)
-	$(PY) -m charlm report $(SWEEP)
+	$(PY) -m charlm report $(SWEEP) $(STORAGE_ARG)
 
 dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:8080 over the study's storage (HOST=, DPORT= to change)
-	$(PY) -m charlm dashboard $(SWEEP) --host $(HOST) --port $(DPORT)
+	$(PY) -m charlm dashboard $(SWEEP) --host $(HOST) --port $(DPORT) $(STORAGE_ARG)
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over mlruns/ (HOST=, PORT=, STORE= to change) to compare runs
 	mkdir -p $(STORE)
