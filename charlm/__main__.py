@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from pathlib import Path
 
+from charlm import interrupts
 from charlm.errors import CharlmError
 
 DEFAULT_MODEL = "mlruns/best"
-
-
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds through `with tracker`, which records KILLED
 
 
 def cmd_train(args) -> int:
@@ -254,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupts.install()  # SIGTERM/Ctrl-C unwind through `with tracker`, which records KILLED
     try:
         return args.func(args)
     except CharlmError as e:

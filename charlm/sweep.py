@@ -29,7 +29,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from charlm import config, progress
+from charlm import config, interrupts, progress
 from charlm.data import Corpus, load_corpus
 from charlm.errors import CharlmError
 from charlm.progress import Progress
@@ -66,11 +66,11 @@ def redact(url: str) -> str:
 def open_storage(url: str):
     """Any Optuna RDB URL (sqlite:///, postgresql://, mysql://), or ``journal:PATH`` for a journal file."""
     if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         path = Path(url[len("journal:"):])
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=_GuardedOpenLock(str(path))))
     if "://" not in url:
         raise CharlmError(f"Storage '{redact(url)}' is not a URL; use sqlite:///file.db, postgresql://..., or journal:path")
     if url.startswith("sqlite:///"):
@@ -79,6 +79,24 @@ def open_storage(url: str):
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     except Exception as e:  # driver missing, server down, bad credentials
         raise CharlmError(f"Cannot open Optuna storage {redact(url)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+class _GuardedOpenLock(optuna.storages.journal.JournalFileOpenLock):
+    """Optuna's lock file, held with Ctrl-C and SIGTERM deferred (see charlm/interrupts.py)."""
+
+    def acquire(self) -> bool:
+        interrupts.enter()
+        try:
+            return super().acquire()
+        except BaseException:
+            interrupts.leave()
+            raise
+
+    def release(self) -> None:
+        try:
+            super().release()
+        finally:
+            interrupts.leave()
 
 
 def lock_path(spec: SweepSpec, url: str) -> Path:

@@ -99,3 +99,29 @@ def test_a_password_in_a_sweep_file_or_on_the_command_line_is_refused(tmp_path):
     r = subprocess.run([PYTHON, "-m", "charlm", "sweep", str(ROOT / "sweeps" / "smoke.yaml"), "--storage",
                         "postgresql://alice:s3cret@db/optuna"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "--storage holds a password" in r.stderr and "s3cret" not in r.stderr + r.stdout
+
+
+def test_sigterm_while_the_journal_lock_is_held_waits_for_its_release(tmp_path):
+    """A kill landing inside Optuna's journal lock must not leave the lock file behind (every
+    later access would wait out its 30 s grace): the signal is raised once the lock is released."""
+    from charlm import interrupts
+    from charlm.sweep import open_storage
+
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        interrupts.install()
+        lock = open_storage(f"journal:{tmp_path / 's.journal'}")._backend._lock
+        lock_file = tmp_path / "s.journal.lock"
+        lock.acquire()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler has run: deferred, nothing raised
+        assert lock_file.exists()
+        with pytest.raises(SystemExit) as e:
+            lock.release()
+        assert e.value.code == 143 and not lock_file.exists()
+        with pytest.raises(SystemExit):  # outside the lock: at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
