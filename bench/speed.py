@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from charlm import config  # noqa: E402
 from charlm.models import build_model, count_params  # noqa: E402
-from charlm.train import make_optimizer  # noqa: E402
+from charlm.optim import make_optimizer  # noqa: E402
 
 VOCAB = 65  # tiny shakespeare's; speed does not depend on the text
 
@@ -74,7 +74,7 @@ def train_speed(cfg: config.Config, bf16: bool, steps: int, repeats: int = 3, ba
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     else:
         model = build_model(cfg, VOCAB)
-        opt = make_optimizer(model, cfg, "cpu")
+        opt = make_optimizer(model, cfg)
     B, T = cfg.train.batch_size, cfg.data.context
     x = torch.randint(VOCAB, (B, T))
     y = torch.randint(VOCAB, (B, T))
@@ -164,7 +164,7 @@ def main() -> int:
         if (path, "fp32-baseline") not in speeds:
             continue
         cfg = config.load(path, args.set)
-        from charlm.train import bf16_supported
+        from charlm.device import bf16_supported
 
         prec = "bf16" if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and bf16_supported("cpu")) else "fp32"
         ratio = speeds[(path, prec)] / speeds[(path, "fp32-baseline")]

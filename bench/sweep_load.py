@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
 
-    from charlm.data import resolve_corpus, read_text
+    from charlm.data import read_text, resolve_corpus
 
     with tempfile.TemporaryDirectory(prefix="charlm-load-") as d:
         d = Path(d)
@@ -69,7 +69,7 @@ def main() -> int:
             return 1
         import optuna
 
-        from charlm.sweep import open_storage
+        from charlm.storage import open_storage
 
         study = optuna.load_study(study_name="load", storage=open_storage(f"journal:{d}/mlruns/optuna/load.journal"))
         trials = study.get_trials()

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from charlm import interrupts
 from charlm.errors import CharlmError
-
-DEFAULT_MODEL = "mlruns/best"
+from charlm.paths import DEFAULT_MODEL
 
 
 def cmd_train(args) -> int:
@@ -74,8 +73,8 @@ def _read_text_arg(path: str) -> str:
 
 def cmd_eval(args) -> int:
     from charlm import checkpoint
+    from charlm.device import resolve_device
     from charlm.evaluate import full_pass
-    from charlm.train import resolve_device
 
     device = resolve_device(args.device)
     ck = checkpoint.load(args.model, device)
@@ -105,8 +104,8 @@ def cmd_sample(args) -> int:
     import torch
 
     from charlm import checkpoint
+    from charlm.device import resolve_device
     from charlm.models import generate
-    from charlm.train import resolve_device
 
     device = resolve_device(args.device)
     ck = checkpoint.load(args.model, device)
@@ -146,7 +145,7 @@ def cmd_best(args) -> int:
 
 def _study(args):
     from charlm.space import load_sweep
-    from charlm.sweep import open_study, storage_url
+    from charlm.storage import open_study, storage_url
 
     spec = load_sweep(args.sweep, storage=args.storage)
     url = storage_url(spec)
@@ -166,7 +165,8 @@ def cmd_report(args) -> int:
 def cmd_dashboard(args) -> int:
     from optuna_dashboard import run_server
 
-    from charlm.sweep import open_storage, redact
+    from charlm.paths import redact
+    from charlm.storage import open_storage
 
     spec, _, url = _study(args)
     print(f"optuna-dashboard for study '{spec.study.name}' ({redact(url)}) on http://{args.host}:{args.port}", flush=True)
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="score a text with a checkpoint (full-pass protocol)", **_examples(
         "python -m charlm eval --model mlruns/best/default --split test --json"))
-    e.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH", help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")
+    e.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
+                   help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", metavar="FILE", help="UTF-8 text file to score")
     src.add_argument("--split", choices=["train", "val", "test"], help="a split of the checkpoint's own corpus")
@@ -222,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate text from a checkpoint", **_examples(
         "python -m charlm sample --model mlruns/best --prompt 'ROMEO:' --chars 300"))
-    s.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH", help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")
+    s.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
+                   help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")
     s.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     s.add_argument("--chars", type=int, default=500, help="characters to generate (default 500)")
     s.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")

@@ -13,20 +13,17 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-import optuna
 import torch
 from optuna.trial import TrialState
 
-from charlm import checkpoint, config
+from charlm import checkpoint, config, paths
 from charlm.config import dump_yaml
 from charlm.errors import CharlmError
 from charlm.models import generate
-from charlm.space import SweepSpec, suggest
-from charlm.sweep import open_study, redact, storage_url
+from charlm.space import SweepSpec
+from charlm.storage import open_study, storage_url
 from charlm.tracking import MlflowTracker
 from charlm.train import train
-
-BEST_ROOT = Path("mlruns") / "best"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -39,9 +36,7 @@ def best_config(spec: SweepSpec, study) -> tuple[config.Config, object]:
         raise CharlmError(f"No completed trial in study '{spec.study.name}' yet; run "
                           f"`make sweep SWEEP={spec.path}` first")
     trial = study.best_trial
-    # replaying the trial's params through the space restores values fixed under a `when`
-    values = suggest(optuna.trial.FixedTrial(trial.params, trial.number), spec)
-    cfg = spec.trial_config(values, trial.number)
+    cfg = spec.replay(trial)
     # A longer budget stretches the learning-rate schedule; evaluations are spaced in proportion,
     # so the trial's stopping rule (patience, margin) spans the same share of the run.
     m = spec.best.budget_multiplier
@@ -58,9 +53,9 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
     study = open_study(spec, url)
     cfg, trial = best_config(spec, study)
     seeds = tuple(seeds or spec.best.seeds)
-    out = BEST_ROOT / spec.study.name
+    out = paths.best_dir(spec.study.name)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"best trial {trial.number} of study '{spec.study.name}' ({redact(url)}): val {trial.value:.4f}; "
+    print(f"best trial {trial.number} of study '{spec.study.name}' ({paths.redact(url)}): val {trial.value:.4f}; "
           f"retraining {cfg.train.max_steps} steps x seeds {list(seeds)}")
     tags = {"best": "true", "optuna.study_name": spec.study.name, "optuna.best_trial": str(trial.number),
             "charlm.study_run": study.user_attrs.get("mlflow_parent_run_id", "")}

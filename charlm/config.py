@@ -8,15 +8,16 @@ user can get wrong (an unknown or misspelt key, a wrong type, a value out of ran
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from charlm.errors import CharlmError
+from charlm.validate import hint, is_int, is_number
 
 
 class ConfigError(CharlmError):
@@ -104,10 +105,8 @@ def all_keys() -> list[str]:
     return keys
 
 
-def _unknown(key: str, where: str) -> ConfigError:
-    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
-    hint = f"; did you mean '{near[0]}'?" if near else f"; known keys: {', '.join(all_keys())}"
-    return ConfigError(f"Unknown config key '{key}' in {where}{hint}")
+def unknown_key(key: str, where: str, error: type[CharlmError] = ConfigError) -> CharlmError:
+    return error(f"Unknown config key '{key}' in {where}{hint(key, all_keys(), 'known keys')}")
 
 
 def _coerce(key: str, value: Any, typ: type, where: str) -> Any:
@@ -119,9 +118,9 @@ def _coerce(key: str, value: Any, typ: type, where: str) -> Any:
     if typ is bool:
         ok = isinstance(value, bool)
     elif typ is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = is_int(value)
     elif typ is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = is_number(value)
         if ok:
             value = float(value)
     elif typ is str:
@@ -150,12 +149,12 @@ def flat_to_config(flat: Mapping[str, Any], where: Mapping[str, str]) -> Config:
         if head in SECTIONS:
             fields = _fields(SECTIONS[head])
             if not tail or tail not in fields:
-                raise _unknown(key, src)
+                raise unknown_key(key, src)
             sections[head][tail] = _coerce(key, value, _type_of(fields[tail]), src)
         else:
             fields = _fields(Config)
             if tail or head not in fields or head in SECTIONS:
-                raise _unknown(key, src)
+                raise unknown_key(key, src)
             top[head] = _coerce(key, value, _type_of(fields[head]), src)
     cfg = Config(**{s: cls(**sections[s]) for s, cls in SECTIONS.items()}, **top)
     validate(cfg, where)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
+from charlm import paths
 from charlm.config import DataConfig
 from charlm.errors import CharlmError
 
 DEFAULT_NAME = "tinyshakespeare.txt"
 DEFAULT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DEFAULT_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class DataError(CharlmError):
@@ -44,7 +44,7 @@ def resolve_corpus(path: str = "") -> Path:
         if not p.is_file():
             raise DataError(f"Data file not found: {path} (set data.path to an existing UTF-8 text file)")
         return p
-    local = REPO_ROOT / "data" / DEFAULT_NAME
+    local = paths.REPO_ROOT / "data" / DEFAULT_NAME
     if local.is_file():
         return local
     tried = [f"data/{DEFAULT_NAME} in the checkout (absent)"]
@@ -114,7 +114,7 @@ class CharVocab:
         self.index = {c: i for i, c in enumerate(self.chars)}
 
     @classmethod
-    def from_text(cls, text: str) -> "CharVocab":
+    def from_text(cls, text: str) -> CharVocab:
         return cls(sorted(set(text)))
 
     def __len__(self) -> int:

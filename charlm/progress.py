@@ -2,15 +2,14 @@
 
 A bar needs a terminal on stderr and no ``CI`` variable; in CI, in a log file or behind a pipe
 each event is one line on stderr (``train step 300/1500 loss 1.812 val 1.843 ...``), so logs stay
-readable and greppable. Training inside a sweep trial stays silent: the sweep reports per trial.
+readable and greppable. Training inside a sweep trial stays silent (``train(..., progress=False)``):
+the sweep reports per trial.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-
-TRAINING = {"enabled": True}  # a sweep switches training progress off in its worker processes
 
 
 def interactive() -> bool:
@@ -49,7 +48,7 @@ class Progress:
         if line and self.enabled:
             print(f"{self.desc} {line}", file=sys.stderr, flush=True)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,7 +11,6 @@ ends; ``python -m charlm report SWEEP.yaml`` (``make report``) rebuilds them at 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -19,19 +18,14 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from charlm.space import SweepSpec, suggest
+from charlm import paths
+from charlm.plots import pyplot
+from charlm.space import SweepSpec
 
-REPORT_ROOT = Path("mlruns") / "reports"
 
-
-def _plt():
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def state_counts(trials) -> dict[str, int]:
+    """``{"complete": 5, "pruned": 2, "fail": 0, ...}`` over every Optuna state."""
+    return {s.name.lower(): sum(1 for t in trials if t.state == s) for s in TrialState}
 
 
 def quality_vs_time(study: optuna.Study, path: Path) -> Path | None:
@@ -40,7 +34,7 @@ def quality_vs_time(study: optuna.Study, path: Path) -> Path | None:
               if "train_seconds" in t.user_attrs and (t.value is not None or t.intermediate_values)]
     if not trials:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     kinds = sorted({str(t.params.get("model.kind", "model")) for t in trials})
     colors = dict(zip(kinds, ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple"]))
@@ -74,7 +68,7 @@ def study_plots(study: optuna.Study, folder: Path) -> list[Path]:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return []
-    plt = _plt()
+    plt = pyplot()
     from optuna.visualization import matplotlib as ovm
 
     plots = {"optimization_history.png": lambda: ovm.plot_optimization_history(study),
@@ -103,7 +97,7 @@ def study_plots(study: optuna.Study, folder: Path) -> list[Path]:
 
 def _budget(spec: SweepSpec, t) -> tuple[float, str]:
     """The trial's budget: seconds when the clock bounds it, else steps."""
-    cfg = spec.trial_config(suggest(optuna.trial.FixedTrial(t.params, t.number), spec), t.number)
+    cfg = spec.replay(t)
     if cfg.train.max_minutes > 0:
         return cfg.train.max_minutes * 60, "seconds"
     return float(cfg.train.max_steps), "steps"
@@ -124,11 +118,11 @@ def compute_saved(spec: SweepSpec, trials) -> dict:
 
 def write_report(spec: SweepSpec, study: optuna.Study, out: Path | None = None, top: int = 10) -> Path:
     """``report.md`` and its plots under ``out`` (default ``mlruns/reports/<study>/``)."""
-    out = Path(out or REPORT_ROOT / spec.study.name)
+    out = Path(out or paths.report_dir(spec.study.name))
     out.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     plots = study_plots(study, out)
-    counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+    counts = {k.upper(): v for k, v in state_counts(trials).items() if v}
     finished = sorted((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
                       key=lambda t: (t.state != TrialState.COMPLETE, _value(t)))
     saved = compute_saved(spec, trials)
@@ -147,7 +141,7 @@ def write_report(spec: SweepSpec, study: optuna.Study, out: Path | None = None, 
     lines += ["", "## Compute saved by early stopping and pruning", "",
               f"Finished trials used {saved['used']:,.0f} of the {saved['budget']:,.0f} {saved['unit']} their "
               f"budgets allowed: {saved['saved_share']:.0%} saved.", ""]
-    best_file = Path("mlruns") / "best" / spec.study.name / "metrics.json"
+    best_file = paths.best_dir(spec.study.name) / "metrics.json"
     lines += ["## Best model", ""]
     if best_file.is_file():
         m = json.loads(best_file.read_text())

@@ -23,7 +23,6 @@ before any trial starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import math
 import re
@@ -31,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from charlm import config
+from charlm import config, paths
 from charlm.config import ConfigError
 from charlm.errors import CharlmError
+from charlm.validate import hint, is_int, is_number
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("patience", "median", "successive_halving", "hyperband", "none")
@@ -136,6 +136,12 @@ class SweepSpec:
         cfg = config.override(self.base_config(), values, where=f"{self.path} (trial {number})")
         return dataclasses.replace(cfg, name=f"trial-{number:03d}")
 
+    def replay(self, trial) -> config.Config:
+        """A finished trial's config; replaying its params restores values fixed under a `when`."""
+        import optuna
+
+        return self.trial_config(suggest(optuna.trial.FixedTrial(trial.params, trial.number), self), trial.number)
+
 
 _SECTIONS = {"study": StudySpec, "sampler": SamplerSpec, "pruner": PrunerSpec, "best": BestSpec}
 _TOP = ("study", "sampler", "pruner", "base", "fixed", "space", "best", "baseline")
@@ -150,9 +156,13 @@ def _fail(path: str, key: str, expected: str, got: Any = dataclasses.MISSING) ->
 
 
 def _unknown(path: str, key: str, known: list[str]) -> SweepError:
-    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean '{near[0]}'?" if near else f"; expected one of {', '.join(known)}"
-    return SweepError(f"Unknown sweep key '{key}' in {path}{hint}")
+    return SweepError(f"Unknown sweep key '{key}' in {path}{hint(key, known, 'expected one of')}")
+
+
+def _config_key(path: str, key: Any, where: str) -> None:
+    """A config key named in a sweep file (in ``fixed``, ``best.set`` or the space) must exist."""
+    if key not in config.all_keys() or "." not in str(key):
+        raise config.unknown_key(str(key), f"{path} ({where})", SweepError)
 
 
 def _section(path: str, name: str, raw: Any, cls, required: tuple[str, ...] = ()):
@@ -172,10 +182,10 @@ def _section(path: str, name: str, raw: Any, cls, required: tuple[str, ...] = ()
         typ = fields[k].type
         key = f"{name}.{k}"
         if typ in ("int",):
-            if not isinstance(v, int) or isinstance(v, bool):
+            if not is_int(v):
                 raise _fail(path, key, "an integer", v)
         elif typ in ("float",):
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
+            if not is_number(v):
                 raise _fail(path, key, "a number", v)
             v = float(v)
         elif typ in ("str",):
@@ -187,13 +197,10 @@ def _section(path: str, name: str, raw: Any, cls, required: tuple[str, ...] = ()
             if not isinstance(v, dict):
                 raise _fail(path, key, "a mapping of config keys to values", v)
             for ck in v:
-                if ck not in config.all_keys():
-                    near = difflib.get_close_matches(str(ck), config.all_keys(), n=1, cutoff=0.6)
-                    raise SweepError(f"Unknown config key '{ck}' in {path} ({key})"
-                                     + (f"; did you mean '{near[0]}'?" if near else ""))
+                _config_key(path, ck, key)
             v = dict(v)
         elif typ.startswith("tuple"):
-            if not isinstance(v, list) or not v or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            if not isinstance(v, list) or not v or not all(is_int(x) for x in v):
                 raise _fail(path, key, "a non-empty list of integers", v)
             v = tuple(v)
         if key in _CHOICES and v not in _CHOICES[key]:
@@ -204,10 +211,7 @@ def _section(path: str, name: str, raw: Any, cls, required: tuple[str, ...] = ()
 
 def _param(path: str, key: str, raw: Any, when=None) -> Param:
     where = f"space.{key}"
-    if key not in config.all_keys() or "." not in key:
-        near = difflib.get_close_matches(key, config.all_keys(), n=1, cutoff=0.6)
-        hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise SweepError(f"Unknown config key '{key}' in {path} (space){hint}")
+    _config_key(path, key, "space")
     if not isinstance(raw, dict):
         raise _fail(path, where, "a mapping like {choice: [...]}, {int: [low, high]} or {float: [low, high]}", raw)
     kinds = [k for k in ("choice", "int", "float") if k in raw]
@@ -271,9 +275,6 @@ def _condition(path: str, text: str, params: dict[str, Param]) -> tuple[str, tup
     return key, values
 
 
-_PASSWORD = re.compile(r"://[^/@:]+:[^@/]*@")  # user:password@ in a URL
-
-
 def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | None = None) -> SweepSpec:
     path = str(path)
     try:
@@ -294,11 +295,11 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
         raise _fail(path, "study.name", "letters, digits, '_', '.', '-'", study.name)
     if n_trials is not None:
         study = dataclasses.replace(study, n_trials=n_trials)
-    if _PASSWORD.search(study.storage):
+    if paths.has_password(study.storage):
         raise SweepError(f"study.storage in {path} holds a password; sweep files are shared and committed. "
                          "Put it in PGPASSWORD or a .pgpass file (PGPASSFILE) and write postgresql://user@host/db")
     if storage:
-        if _PASSWORD.search(storage):
+        if paths.has_password(storage):
             raise SweepError("--storage holds a password, which the process list and shell history would show; "
                              "put it in PGPASSWORD or a .pgpass file (PGPASSFILE) and pass postgresql://user@host/db")
         study = dataclasses.replace(study, storage=storage)
@@ -328,9 +329,7 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
     if not isinstance(fixed, dict):
         raise _fail(path, "fixed", "a mapping of config keys to values", fixed)
     for k in fixed:
-        if k not in config.all_keys():
-            near = difflib.get_close_matches(str(k), config.all_keys(), n=1, cutoff=0.6)
-            raise SweepError(f"Unknown config key '{k}' in {path} (fixed)" + (f"; did you mean '{near[0]}'?" if near else ""))
+        _config_key(path, k, "fixed")
 
     raw_space = doc.get("space")
     if not isinstance(raw_space, dict) or not raw_space:

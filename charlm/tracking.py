@@ -1,6 +1,6 @@
 """Where run data goes: MLflow for real runs, a null tracker (in memory) for unit tests.
 
-The trainer only calls the small :class:`Tracker` surface below. Step metrics are buffered and sent
+The trainer only calls the :class:`Tracker` protocol below. Step metrics are buffered and sent
 with one ``log_batch`` per evaluation: ``log_metric`` on SQLite costs milliseconds per call.
 """
 
@@ -14,12 +14,24 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from charlm import paths
 from charlm.errors import CharlmError
 
-DEFAULT_STORE = Path("mlruns")  # relative to the working directory, like MLflow's own default
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+class Tracker(Protocol):
+    """What a training run records; :class:`MlflowTracker` and :class:`NullTracker` implement it."""
+
+    run_id: str | None
+    workdir: Path  # scratch folder for files before they are logged as artifacts
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def flush(self) -> None: ...  # send buffered metrics now
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def artifact_uri(self, artifact_path: str) -> str: ...
 
 
 def tracking_uri() -> str:
@@ -27,25 +39,24 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if uri:
         return uri
-    DEFAULT_STORE.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+    paths.MLRUNS.mkdir(parents=True, exist_ok=True)
+    return f"{paths.SQLITE}{(paths.MLRUNS / 'mlflow.db').resolve()}"
 
 
 def artifact_root(uri: str) -> str | None:
     """Artifacts live beside a SQLite store (``<store dir>/artifacts``); a server decides its own."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        return (db.parent / "artifacts").resolve().as_uri()
-    return None
+    db = paths.sqlite_path(uri)
+    return (db.parent / "artifacts").resolve().as_uri() if db is not None else None
 
 
 def git_commit() -> str:
     """HEAD of the checkout this code runs from, with ``-dirty`` when files are modified."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=paths.REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head or "unknown") + ("-dirty" if head and dirty else "")
@@ -98,7 +109,7 @@ class MlflowTracker:
 
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = get_or_create_experiment(self.client, experiment, self.uri)
+        self.experiment_id = get_or_create_experiment(experiment, self.uri, self.client)
         all_tags = {"mlflow.source.git.commit": git_commit(), "mlflow.source.name": "charlm"}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -111,7 +122,7 @@ class MlflowTracker:
         self.workdir = Path(self._tmp.name)
         self.status: str | None = None
 
-    def __enter__(self) -> "MlflowTracker":
+    def __enter__(self) -> MlflowTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -182,16 +193,20 @@ def file_lock(path: Path):
 def store_lock(uri: str):
     """Two processes creating a fresh SQLite MLflow store at once corrupt it: serialise the first
     touch (schema creation, experiment creation) with a lock file beside the database."""
-    if not uri.startswith("sqlite:///"):
+    db = paths.sqlite_path(uri)
+    if db is None:
         yield
         return
-    db = Path(uri[len("sqlite:///"):])
     with file_lock(db.with_name(db.name + ".lock")):
         yield
 
 
-def get_or_create_experiment(client, name: str, uri: str) -> str:
+def get_or_create_experiment(name: str, uri: str, client=None) -> str:
     """The experiment's id, creating it (artifacts beside a SQLite store) if needed; race-safe."""
+    if client is None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
     with store_lock(uri):
         return _get_or_create_experiment(client, name, uri)
 

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from charlm import config
 from charlm.data import DEFAULT_NAME
-
-ROOT = Path(__file__).resolve().parent.parent
-# Development and CI keep a copy of the corpus in ../shared/data; a user's own setting wins.
-os.environ.setdefault("CHARLM_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
-MIRROR = Path(os.environ["CHARLM_DATA_MIRROR"])
-PYTHON = sys.executable
+from helpers import MIRROR
 
 
 @pytest.fixture(scope="session")

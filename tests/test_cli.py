@@ -4,8 +4,7 @@ import pytest
 
 from charlm.tracking import NullTracker
 from charlm.train import train
-
-from conftest import PYTHON, ROOT
+from helpers import PYTHON, ROOT, cli
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +16,6 @@ def model_file(tmp_path_factory, tiny_text):
                              "train.eval_chars=500", "train.sample_chars=0"])
     res = train(cfg, NullTracker(tmp_path_factory.mktemp("run")))
     return res.checkpoint
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([PYTHON, "-m", "charlm", *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def test_sample_continues_the_prompt(model_file):

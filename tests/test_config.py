@@ -5,8 +5,7 @@ import pytest
 
 from charlm import config
 from charlm.config import ConfigError
-
-from conftest import PYTHON, ROOT
+from helpers import PYTHON, ROOT
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)

@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from charlm import data
+from charlm import data, paths
 from charlm.config import DataConfig
 from charlm.data import Batcher, CharVocab, DataError, load_corpus, resolve_corpus
 
@@ -13,7 +13,7 @@ from charlm.data import Batcher, CharVocab, DataError, load_corpus, resolve_corp
 @pytest.fixture
 def no_checkout_copy(tmp_path, monkeypatch):
     """Pretend the checkout has no data/ copy, so resolution must go further."""
-    monkeypatch.setattr(data, "REPO_ROOT", tmp_path / "checkout")
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "checkout")
     return tmp_path / "checkout"
 
 

@@ -6,8 +6,7 @@ import torch
 from charlm import config
 from charlm.evaluate import full_pass, windows
 from charlm.models import build_model, generate
-
-from conftest import ROOT
+from helpers import ROOT
 
 V = 65
 KINDS = {

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,15 +26,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import PYTHON, ROOT
+from helpers import PYTHON, ROOT, free_port
 
 pytestmark = pytest.mark.pg
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_bin() -> Path:
@@ -57,7 +51,7 @@ def postgres():
     home.chmod(0o755)
     if os.geteuid() == 0:
         shutil.chown(home, "postgres", "postgres")
-    data, port, password = home / "data", _free_port(), secrets.token_hex(12)
+    data, port, password = home / "data", free_port(), secrets.token_hex(12)
     run = lambda cmd: subprocess.run(_as_postgres(cmd), check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
     try:
         run([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
@@ -104,7 +98,7 @@ def test_postgres_study_and_mlflow_server_with_two_workers_one_killed(postgres, 
     pgpass.chmod(0o600)
     monkeypatch.setenv("PGPASSFILE", str(pgpass))  # for this test's own reads of the study
     storage = f"postgresql://charlm@127.0.0.1:{postgres['port']}/optuna"
-    mport = _free_port()
+    mport = free_port()
     tracking = f"http://127.0.0.1:{mport}"
     env = {**os.environ, "PGPASSFILE": str(pgpass), "MLFLOW_TRACKING_URI": tracking, "CI": "true"}
     server = subprocess.Popen(

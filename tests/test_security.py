@@ -3,7 +3,6 @@
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -11,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PYTHON, ROOT
+from helpers import PYTHON, ROOT, free_port
 
 SOURCES = [p for d in ("charlm", "bench", "docs", "tests") for p in (ROOT / d).rglob("*.py")]
 
@@ -41,11 +40,6 @@ def test_no_shell_commands_built_from_strings():
         assert "shell=True" not in _code(p) and "os.system(" not in _code(p), p
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _get(url, data=None, **headers):
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
@@ -58,7 +52,7 @@ def _get(url, data=None, **headers):
 
 @pytest.mark.slow
 def test_make_ui_binds_loopback_with_host_and_cors_protection(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(["make", "-s", "-C", str(ROOT), "ui", f"PORT={port}"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -105,7 +99,7 @@ def test_sigterm_while_the_journal_lock_is_held_waits_for_its_release(tmp_path):
     """A kill landing inside Optuna's journal lock must not leave the lock file behind (every
     later access would wait out its 30 s grace): the signal is raised once the lock is released."""
     from charlm import interrupts
-    from charlm.sweep import open_storage
+    from charlm.storage import open_storage
 
     old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:

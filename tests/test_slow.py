@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, ROOT
+from helpers import PYTHON, ROOT
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 
-from charlm.stopping import Patience
-from charlm.train import train
-from charlm.tracking import NullTracker
 import dataclasses
+
+from charlm.stopping import Patience
+from charlm.tracking import NullTracker
+from charlm.train import train
 
 
 def run(curve, patience, mri, interval=100):

@@ -15,18 +15,14 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from charlm import config
+from charlm.search import PatiencePruner
 from charlm.space import SweepError, load_sweep
 from charlm.stopping import Patience
-from charlm.sweep import PatiencePruner, counted, open_storage
-
-from conftest import PYTHON, ROOT
+from charlm.storage import open_storage
+from charlm.summary import counted
+from helpers import PYTHON, ROOT, cli, free_port
 
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
-
-
-def cli(*args, cwd, timeout=600, env=None):
-    return subprocess.run([PYTHON, "-m", "charlm", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env=env)
 
 
 def mlflow_runs(cwd: Path, experiment: str):
@@ -188,7 +184,7 @@ def test_two_workers_optuna_and_mlflow_agree(smoke_sweep):
     spec = load_sweep(SMOKE)
     study = journal_study(cwd, "smoke")
     trials = study.get_trials()
-    assert len(trials) == spec.study.n_trials and counted(study) == spec.study.n_trials
+    assert len(trials) == spec.study.n_trials and counted(study.get_trials()) == spec.study.n_trials
     assert sorted(t.number for t in trials) == list(range(spec.study.n_trials))
     states = [t.state for t in trials]
     assert TrialState.PRUNED in states and TrialState.COMPLETE in states
@@ -266,13 +262,10 @@ def test_parent_run_holds_the_study_plots_and_report_and_each_trial_its_curve(sm
 
 
 def test_dashboard_serves_the_study_on_loopback(smoke_sweep):
-    import socket
     import urllib.request
 
     cwd, _ = smoke_sweep
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([PYTHON, "-m", "charlm", "dashboard", str(SMOKE), "--port", str(port)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -352,7 +345,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == killed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params
-    assert counted(study) == 2 and sum(t.state == TrialState.COMPLETE for t in trials.values()) == 2
+    assert counted(study.get_trials()) == 2 and sum(t.state == TrialState.COMPLETE for t in trials.values()) == 2
     client, runs = mlflow_runs(tmp_path, "killme")
     assert not [x for x in runs if x.info.status == "RUNNING"]
     dead = client.get_run(killed.user_attrs["mlflow_run_id"])
@@ -381,7 +374,7 @@ def test_values_fixed_under_a_condition_apply_to_trials_and_to_best():
 
 def test_storage_urls_never_show_passwords():
     from charlm.errors import CharlmError
-    from charlm.sweep import redact
+    from charlm.paths import redact
 
     assert redact("postgresql://alice:s3cret@db.example:5432/optuna") == "postgresql://alice:***@db.example:5432/optuna"
     with pytest.raises(CharlmError) as e:
@@ -495,7 +488,7 @@ def test_interrupting_a_sweep_leaves_nothing_running(tmp_path, sig, code):
     assert parent.info.status == "KILLED"
     r = cli("sweep", str(f), cwd=tmp_path)  # the next call runs the queued trial and finishes
     assert r.returncode == 0, r.stderr[-2000:]
-    assert counted(journal_study(tmp_path, "ctrlc")) == 2
+    assert counted(journal_study(tmp_path, "ctrlc").get_trials()) == 2
 
 
 def test_sigkill_one_of_two_workers(tmp_path):
@@ -513,7 +506,7 @@ def test_sigkill_one_of_two_workers(tmp_path):
     trials = study.get_trials()
     assert trials[victim.number].state == TrialState.FAIL
     assert [t.state for t in trials if t.user_attrs.get("retry_of") == victim.number] == [TrialState.COMPLETE]
-    assert counted(study) == 3 and sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    assert counted(study.get_trials()) == 3 and sum(t.state == TrialState.COMPLETE for t in trials) == 3
     client, runs = mlflow_runs(tmp_path, "onedown")
     assert not [x for x in runs if x.info.status == "RUNNING"]
     assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "FAILED"

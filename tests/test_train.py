@@ -12,8 +12,7 @@ from charlm import checkpoint, config
 from charlm.data import load_corpus
 from charlm.tracking import MlflowTracker, NullTracker
 from charlm.train import train
-
-from conftest import PYTHON
+from helpers import PYTHON
 
 PER_EVAL = ["train_loss", "val_loss", "val_perplexity", "val_bpc", "lr", "tokens_per_sec"]
 FINAL = ["best_val_loss", "best_val_bpc", "best_step", "stopped_early", "test_loss", "test_bpc", "train_seconds"]

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,18 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, ROOT
+from helpers import PYTHON, ROOT, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 # headless as root, and quiet: this machine's closed network refuses Chromium's background calls
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _api(port: int, path: str, body: dict | None = None) -> dict:
@@ -45,7 +39,7 @@ def test_mlflow_ui_shows_trials_nested_under_the_study_and_compares_them(tmp_pat
     r = subprocess.run([PYTHON, "-m", "charlm", "sweep", str(ROOT / "sweeps" / "smoke.yaml"), "--workers", "2"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(["make", "-s", "-C", str(ROOT), "ui", f"PORT={port}", f"STORE={tmp_path / 'mlruns'}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     shots = tmp_path / "screenshots"

@@ -17,11 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from charlm.config import ModelConfig
+from charlm.models.base import CharModel
 
 EVAL_CHUNK = 2048  # positions scored per full-pass window; any size gives the same numbers
 
 
-class FeedForward(nn.Module):
+class FeedForward(CharModel):
     def __init__(self, cfg: ModelConfig, vocab_size: int, context: int):
         super().__init__()
         self.cfg = cfg

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from charlm.config import ModelConfig
+from charlm.models.base import CharModel
 
 
 class LayerNorm(nn.Module):
@@ -71,7 +72,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class GPT(nn.Module):
+class GPT(CharModel):
     def __init__(self, cfg: ModelConfig, vocab_size: int, context: int):
         super().__init__()
         self.cfg = cfg

@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from charlm.models.base import CharModel
 from charlm.models.ngram import NGram
 
 
-class Mixture(nn.Module):
+class Mixture(CharModel):
     def __init__(self, neural: nn.Module, ngram: NGram):
         super().__init__()
         self.neural = neural

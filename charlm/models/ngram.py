@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from charlm.config import ModelConfig
+from charlm.models.base import CharModel
 
 EVAL_CHUNK = 2048
 
 
-class NGram(nn.Module):
+class NGram(CharModel):
     def __init__(self, cfg: ModelConfig, vocab_size: int, context: int):
         super().__init__()
         self.cfg = cfg

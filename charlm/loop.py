@@ -1,0 +1,233 @@
+"""The optimisation loop, the :class:`Run` it works on and the :class:`TrainState` it changes.
+
+Each step: set the scheduled learning rate, one batch, forward (bf16 autocast where it pays),
+backward, clip, update. Every ``validation_interval`` steps (and at the last step or when the clock
+runs out) an evaluation on the fixed val slice feeds the patience rule, keeps the best weights,
+saves the whole state for an exact resume, and asks ``on_eval`` whether to stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+
+from charlm import checkpoint
+from charlm.config import Config, to_dict
+from charlm.data import Batcher, Corpus
+from charlm.evaluate import EvalResult, full_pass
+from charlm.models.base import CharModel
+from charlm.optim import lr_at
+from charlm.progress import Progress
+from charlm.stopping import Patience
+from charlm.tracking import Tracker
+
+
+class StopReason(StrEnum):
+    """Why a run stopped; logged as the run's ``stop_reason`` tag."""
+
+    EARLY_STOP = "early_stop"  # the patience rule fired
+    MAX_STEPS = "max_steps"
+    MAX_MINUTES = "max_minutes"
+    DIVERGED = "diverged"  # loss not finite, or above twice a uniform guess
+    FITTED = "fitted"  # a count model: nothing to optimise
+    PRUNED = "pruned"  # on_eval said so (the sweep's pruner)
+    INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
+    ERROR = "error"  # an exception (set by the sweep on the trial's run)
+
+
+@dataclass(frozen=True)
+class EvalEvent:
+    """What the ``on_eval`` hook is told after each intermediate evaluation."""
+
+    step: int
+    val_loss: float  # on the fixed val slice (``train.eval_chars``)
+    train_loss: float  # mean training loss since the previous evaluation
+    best_val_loss: float
+    lr: float
+    tokens_per_sec: float
+    elapsed: float  # seconds since training started
+
+
+@dataclass
+class Run:
+    """What one training works on, built once by :func:`setup`."""
+
+    cfg: Config
+    tracker: Tracker
+    corpus: Corpus
+    device: str
+    model: CharModel
+    amp: torch.autocast | None
+    optimizer: torch.optim.Optimizer | None  # None: nothing to optimise (a count model)
+    batches: Batcher
+    n_params: int
+    fit_seconds: float
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.tracker.workdir / "model" / checkpoint.FILENAME
+
+    def score(self, ids: torch.Tensor, amp: torch.autocast | None = None) -> EvalResult:
+        t = self.cfg.train
+        return full_pass(self.model, ids, t.eval_stride, t.eval_batch_size, self.device, amp)
+
+    def save_checkpoint(self, meta: dict) -> None:
+        checkpoint.save(self.ckpt_path, self.model, self.cfg, self.corpus.vocab,
+                        {"data_sha256": self.corpus.sha256, "n_params": self.n_params, "seed": self.cfg.train.seed,
+                         **meta})
+
+
+STATE_FORMAT = "charlm-train-state/2"
+
+
+@dataclass
+class TrainState:
+    """Everything the loop changes. Saved with the model, optimizer and RNGs at each evaluation;
+    restored only by a run of the exact same config."""
+
+    stop: Patience
+    step: int = 0
+    best_state: dict[str, torch.Tensor] | None = None  # the best weights so far
+    history: list[dict] = field(default_factory=list)  # one row per evaluation
+    eval_seconds: float = 0.0
+    elapsed: float = 0.0  # training seconds up to the last save
+
+    def save(self, path: Path, run: Run) -> None:
+        loop = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "stop"}
+        blob = {"format": STATE_FORMAT, "config": to_dict(run.cfg), "loop": loop,
+                "patience": dataclasses.asdict(self.stop), "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(), "batch_rng": run.batches.gen.get_state(),
+                "torch_rng": torch.get_rng_state()}
+        checkpoint.write_atomic(Path(path), lambda f: torch.save(blob, f))
+
+    @classmethod
+    def load(cls, path: Path | None, run: Run) -> TrainState | None:
+        """The state saved at ``path`` restored into ``run``, or None (absent, cut short, other config)."""
+        if path is None or not Path(path).is_file():
+            return None
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a state file cut short cannot be resumed from; start over
+            return None
+        if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT or blob.get("config") != to_dict(run.cfg):
+            return None
+        run.model.load_state_dict(blob["model"])
+        run.optimizer.load_state_dict(blob["optimizer"])
+        run.batches.gen.set_state(blob["batch_rng"])
+        torch.set_rng_state(blob["torch_rng"])
+        return cls(stop=Patience(**blob["patience"]), **blob["loop"])
+
+
+class Loop:
+    """The optimisation loop over one :class:`Run`, changing only its :class:`TrainState`."""
+
+    def __init__(self, run: Run, state: TrainState, on_eval, state_path: Path | None):
+        self.run, self.state, self.on_eval, self.state_path = run, state, on_eval, state_path
+        self.t0 = time.perf_counter() - state.elapsed  # the clock budget and the schedule carry on
+        self.train_losses: list[float] = []
+        self.window = (time.perf_counter(), 0)  # (since, tokens) for tokens/s between evaluations
+        # Worse than twice a uniform guess is no longer training (lr=10 lands near 10 nats, not at NaN)
+        self.diverged_above = 2 * math.log(len(run.corpus.vocab))
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def until_stop(self, progress: bool) -> StopReason:
+        """Train until a budget, the patience rule, divergence or ``on_eval`` stops it; say which."""
+        run, state, t = self.run, self.state, self.run.cfg.train
+        if run.optimizer is None:  # nothing to optimise: one evaluation of the fitted model
+            self.evaluate(0.0, len(run.corpus.train) / max(run.fit_seconds, 1e-9))
+            return StopReason.FITTED
+        if state.stop.should_stop:  # resumed from the evaluation that ran out of patience
+            return StopReason.EARLY_STOP
+        bar = Progress(f"train {run.cfg.name or run.cfg.model.kind}", t.max_steps, "step",
+                       enabled=progress, initial=state.step)
+        run.model.train()
+        try:
+            while state.step < t.max_steps:
+                lr = lr_at(state.step, run.cfg, self.elapsed())
+                if not self.step(lr):
+                    return StopReason.DIVERGED
+                bar.advance()
+                out_of_time = t.max_minutes > 0 and self.elapsed() >= t.max_minutes * 60
+                if state.step % t.validation_interval == 0 or state.step == t.max_steps or out_of_time:
+                    reason = self.after_evaluation(lr, bar, out_of_time)
+                    if reason is not None:
+                        return reason
+            return StopReason.MAX_STEPS
+        finally:
+            bar.close()
+
+    def step(self, lr: float) -> bool:
+        """One optimizer update; False (and no update) when the loss is not finite."""
+        run = self.run
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+        x, y = run.batches.next()
+        with run.amp or contextlib.nullcontext():
+            _, loss = run.model(x, y)
+        loss_value = loss.item()
+        self.state.step += 1
+        if not math.isfinite(loss_value):
+            return False
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if run.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip)
+        run.optimizer.step()
+        self.train_losses.append(loss_value)
+        self.window = (self.window[0], self.window[1] + run.cfg.train.batch_size * run.batches.length)
+        return True
+
+    def after_evaluation(self, lr: float, bar: Progress, out_of_time: bool) -> StopReason | None:
+        """Evaluate, save the state, show it, and say whether (and why) to stop."""
+        state = self.state
+        tokens_per_sec = self.window[1] / max(1e-9, time.perf_counter() - self.window[0])
+        row, fired = self.evaluate(lr, tokens_per_sec)
+        if self.state_path is not None:
+            state.elapsed = self.elapsed()
+            state.save(self.state_path, self.run)
+        train_loss, val_loss, best = row.get("train_loss", math.nan), row["val_loss"], state.stop.best
+        bar.event(f"step {state.step}/{self.run.cfg.train.max_steps} loss {train_loss:.4f} val {val_loss:.4f} "
+                  f"(best {best:.4f}) {tokens_per_sec / 1000:.1f}k tok/s", loss=f"{train_loss:.4f}",
+                  val=f"{val_loss:.4f}", best=f"{best:.4f}", tok_s=f"{tokens_per_sec / 1000:.1f}k")
+        self.window = (time.perf_counter(), 0)
+        if not math.isfinite(val_loss) or val_loss > self.diverged_above:
+            return StopReason.DIVERGED
+        if self.on_eval is not None:
+            reason = self.on_eval(EvalEvent(state.step, val_loss, train_loss, best, lr, tokens_per_sec,
+                                            self.elapsed()))
+            if reason:
+                return StopReason(reason)
+        if fired:
+            return StopReason.EARLY_STOP
+        return StopReason.MAX_MINUTES if out_of_time else None
+
+    def evaluate(self, lr: float, tokens_per_sec: float) -> tuple[dict, bool]:
+        """One intermediate evaluation on the val slice: the patience rule, the best checkpoint, the
+        logged row (``train_loss`` is the mean since the previous evaluation). True when patience ran out."""
+        run, state = self.run, self.state
+        te = time.perf_counter()
+        t = run.cfg.train
+        val = run.score(run.corpus.val[: t.eval_chars] if t.eval_chars else run.corpus.val, run.amp)
+        state.eval_seconds += time.perf_counter() - te
+        fired = state.stop.update(state.step, val.loss)
+        if state.stop.best_step == state.step:
+            state.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+            run.save_checkpoint({"step": state.step, "slice_val_loss": val.loss})
+        row = {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_bpc": val.bpc, "lr": lr,
+               "tokens_per_sec": tokens_per_sec}
+        if self.train_losses:
+            row["train_loss"] = sum(self.train_losses) / len(self.train_losses)
+            self.train_losses.clear()
+        state.history.append({"step": state.step, **row})
+        run.tracker.log_metrics(row, step=state.step)
+        run.tracker.flush()
+        return row, fired

@@ -1,0 +1,129 @@
+"""One trial, start to end: suggest a config, train it as an MLflow child run, report every
+evaluation to the pruner, and tell Optuna how it ended. Also the baseline run beside the trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+
+import optuna
+from optuna.trial import TrialState
+
+from charlm import config
+from charlm.data import Corpus, load_corpus
+from charlm.space import suggest
+from charlm.storage import Session
+from charlm.tracking import MlflowTracker
+from charlm.train import EvalEvent, RunResult, StopReason, train
+
+MAX_RETRIES = 2  # a trial whose worker died is re-queued at most this many times
+_CORPUS: dict[tuple, Corpus] = {}
+
+
+def corpus_for(cfg: config.Config) -> Corpus:
+    """Every trial of a process shares one encoded corpus (same file, same splits)."""
+    key = (cfg.data.path, cfg.data.val_fraction, cfg.data.test_fraction)
+    if key not in _CORPUS:
+        _CORPUS[key] = load_corpus(cfg.data)
+    return _CORPUS[key]
+
+
+def trial_state(result: RunResult) -> TrialState:
+    """How a training's stop reason ends its Optuna trial."""
+    if result.stop_reason is StopReason.PRUNED:
+        return TrialState.PRUNED
+    if result.stop_reason is StopReason.DIVERGED or not math.isfinite(result.best_val_loss):
+        return TrialState.FAIL
+    return TrialState.COMPLETE
+
+
+def run_trial(session: Session, trial: optuna.Trial) -> TrialState:
+    """Train one trial; an exception fails this trial only, Ctrl-C/SIGTERM re-queues it and stops."""
+    spec, study = session.spec, session.study
+    tracker = None
+    try:
+        cfg = spec.trial_config(suggest(trial, spec), trial.number)
+        for key in ("patience", "min_relative_improvement", "validation_interval"):
+            trial.set_user_attr(key, getattr(cfg.train, key))  # the pruner applies the trial's own rule
+        tracker = MlflowTracker(spec.study.name, cfg.name, parent_run_id=session.parent_run_id, tags={
+            "optuna.study_name": spec.study.name, "optuna.trial_number": str(trial.number)})
+        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        if "retry_of" in trial.user_attrs:
+            tracker.set_tags({"optuna.retry_of": trial.user_attrs["retry_of"]})
+        best = [math.inf]
+
+        def on_eval(ev: EvalEvent) -> StopReason | None:
+            best[0] = min(best[0], ev.val_loss)
+            trial.report(best[0], ev.step)  # best so far: a pruned trial's value is its best
+            return StopReason.PRUNED if trial.should_prune() else None
+
+        with tracker:
+            result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), progress=False)
+            state = _close_run(tracker, result)
+        return _tell(study, trial, result, state)
+    except (KeyboardInterrupt, SystemExit):
+        # interrupted, not broken: fail it and queue the same parameters for the next call
+        with contextlib.suppress(Exception):
+            study.tell(trial, state=TrialState.FAIL)
+            requeue(study, study.trials[trial.number])
+            if tracker is not None:
+                tracker.set_tags({"optuna.state": "FAIL", "stop_reason": StopReason.INTERRUPTED})
+        raise
+    except Exception as e:  # one broken trial never stops the sweep; the reason stays on its run
+        message = f"{type(e).__name__}: {e}"
+        print(f"trial {trial.number} failed: {message}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            trial.set_user_attr("error", message[:1000])
+            if tracker is not None:
+                tracker.set_tags({"optuna.state": "FAIL", "stop_reason": StopReason.ERROR, "error": message[:5000]})
+                tracker.end("FAILED")
+        with contextlib.suppress(Exception):
+            study.tell(trial, state=TrialState.FAIL)
+        return TrialState.FAIL
+
+
+def _close_run(tracker: MlflowTracker, result: RunResult) -> TrialState:
+    state = trial_state(result)
+    tracker.set_tags({"optuna.state": state.name})
+    if state == TrialState.PRUNED:
+        tracker.set_tags({"prune_step": result.steps})
+        tracker.log_metrics({"prune_step": result.steps}, step=result.steps)
+    elif state == TrialState.FAIL:
+        tracker.end("FAILED")
+    return state
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult, state: TrialState) -> TrialState:
+    attrs = {"stop_reason": str(result.stop_reason), "steps": result.steps, "test_loss": result.test_loss,
+             "train_seconds": round(result.train_seconds, 3), "final_eval_seconds": round(result.final_eval_seconds, 3)}
+    if result.early_stop_step is not None:
+        attrs["early_stop_step"] = result.early_stop_step
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    if state == TrialState.COMPLETE:
+        study.tell(trial, result.best_val_loss)
+    else:
+        study.tell(trial, state=state)
+    return state
+
+
+def requeue(study: optuna.Study, t) -> None:
+    """Queue a failed trial's parameters again (at most MAX_RETRIES times along one chain)."""
+    history = list(t.user_attrs.get("retry_history", [])) + [t.number]
+    if len(history) <= MAX_RETRIES:
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "retry_history": history})
+
+
+def log_baseline(session: Session) -> None:
+    """Train the sweep's baseline experiment once, as a run beside the trials (not a trial)."""
+    spec = session.spec
+    cfg = config.load(spec.baseline)
+    cfg = config.override(cfg, {"experiment": spec.study.name}, where=spec.baseline)
+    tags = {"charlm.role": "baseline", "charlm.study_run": session.parent_run_id, "optuna.study_name": spec.study.name}
+    with MlflowTracker(spec.study.name, f"baseline-{cfg.name}", tags=tags) as tracker:
+        result = train(cfg, tracker, corpus=corpus_for(cfg), progress=False)
+    session.study.set_user_attr("mlflow_baseline_run_id", tracker.run_id)
+    print(f"baseline {cfg.name} ({cfg.model.kind}): val {result.best_val_loss:.4f}, test {result.test_loss:.4f} "
+          f"nats/char; MLflow run {tracker.run_id}", file=sys.stderr)

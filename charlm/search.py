@@ -1,0 +1,110 @@
+"""How a study searches: the sampler that proposes trials and the pruner that stops them early.
+
+The patience pruner is the trainer's own patience rule (charlm/stopping.py) with the reference
+taken from other trials at the same step.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from charlm.space import SweepSpec, grid_space
+from charlm.stopping import Patience
+
+
+def make_sampler(spec: SweepSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
+    seed = spec.sampler.seed + worker
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # multivariate/group TPE are flagged experimental
+        if spec.sampler.type == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if spec.sampler.type == "grid":
+            return optuna.samplers.GridSampler(grid_space(spec), seed=spec.sampler.seed)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
+                                          multivariate=True, group=True, constant_liar=True)
+
+
+def reference_value(values: list[float], how: str, percentile: float, direction: str) -> float:
+    if how == "median":
+        return float(np.median(values))
+    if how == "best":
+        return min(values) if direction == "minimize" else max(values)
+    q = percentile if direction == "minimize" else 100 - percentile
+    return float(np.percentile(values, q))
+
+
+class PatiencePruner(optuna.pruners.BasePruner):
+    """The trainer's patience rule with the reference taken from other trials at the same step.
+
+    Each trial reports its best value so far at every evaluation step. At a step, the peers are
+    the finished trials (and, if they got that far, pruned ones) that reported at or before that
+    step; their value there is their best so far. With at least ``min_trials`` peers, the trial's
+    value is judged against ``reference`` of theirs with the trial's own ``patience`` and
+    ``min_relative_improvement`` (user attributes set by the objective). ``reference: self``
+    judges the trial against itself, which is exactly the trainer's early stop.
+    """
+
+    def __init__(self, reference: str = "median", percentile: float = 50.0, min_trials: int = 3,
+                 warmup_steps: int = 0):
+        self.reference = reference
+        self.percentile = percentile
+        self.min_trials = min_trials
+        self.warmup_steps = warmup_steps
+        self._state: dict[int, tuple[Patience, int]] = {}  # trial number -> (rule, last step seen)
+
+    def _peers_at(self, study: optuna.Study, trial, step: int) -> list[float]:
+        values = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            if t.number == trial.number or not t.intermediate_values:
+                continue
+            steps = [s for s in t.intermediate_values if s <= step]
+            if not steps:
+                continue
+            if t.state == TrialState.PRUNED and max(t.intermediate_values) < step:
+                continue  # it never got this far; its value here is unknown
+            values.append(t.intermediate_values[max(steps)])
+        return values
+
+    def prune(self, study: optuna.Study, trial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.warmup_steps:
+            return False
+        rule, last = self._state.get(trial.number, (None, -1))
+        if rule is None:
+            rule = Patience(int(trial.user_attrs.get("patience", 3)),
+                            float(trial.user_attrs.get("min_relative_improvement", 0.0)))
+        if step == last:
+            return rule.should_stop
+        value = trial.intermediate_values[step]
+        if study.direction == optuna.study.StudyDirection.MAXIMIZE:
+            value = -value
+        if self.reference == "self":
+            fired = rule.update(step, value)
+        else:
+            peers = self._peers_at(study, trial, step)
+            if len(peers) < self.min_trials:
+                self._state[trial.number] = (rule, step)
+                return False  # too few peers to judge this step: neither a hit nor a miss
+            if study.direction == optuna.study.StudyDirection.MAXIMIZE:
+                peers = [-v for v in peers]
+            ref = reference_value(peers, self.reference, self.percentile, "minimize")
+            fired = rule.update(step, value, reference=ref)
+        self._state[trial.number] = (rule, step)
+        return fired
+
+
+def make_pruner(spec: SweepSpec, max_steps: int, interval: int) -> optuna.pruners.BasePruner:
+    p = spec.pruner
+    if p.type == "patience":
+        return PatiencePruner(p.reference, p.percentile, p.min_trials, p.warmup_steps)
+    if p.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.min_trials, n_warmup_steps=p.warmup_steps)
+    if p.type == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=interval)
+    if p.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=interval, max_resource=max_steps)
+    return optuna.pruners.NopPruner()

@@ -1,0 +1,95 @@
+"""The Optuna side of a sweep's storage: open it, lock it, open the study in it.
+
+Any Optuna RDB URL (``sqlite:///``, ``postgresql://``, ``mysql://``) or ``journal:PATH`` for a
+journal file (the default, under ``mlruns/optuna/``). The journal's own lock file is held with
+Ctrl-C and SIGTERM deferred (see charlm/interrupts.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from charlm import interrupts, paths
+from charlm.errors import CharlmError
+from charlm.search import make_pruner, make_sampler
+from charlm.space import SweepSpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class Session:
+    """Everything a worker needs, built once per process."""
+
+    spec: SweepSpec
+    storage_url: str
+    study: optuna.Study
+    parent_run_id: str
+    worker: int = 0
+
+
+def storage_url(spec: SweepSpec) -> str:
+    """The sweep's storage, or by default a journal file: mlruns/optuna/<study>.journal."""
+    return spec.study.storage or paths.default_storage(spec.study.name)
+
+
+def open_storage(url: str):
+    """The storage behind ``url``; a URL that cannot be opened is one line naming it, redacted."""
+    journal = paths.journal_path(url)
+    if journal is not None:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(journal), lock_obj=_GuardedOpenLock(str(journal))))
+    if "://" not in url:
+        raise CharlmError(f"Storage '{paths.redact(url)}' is not a URL; use sqlite:///file.db, postgresql://..., "
+                          "or journal:path")
+    db = paths.sqlite_path(url)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except Exception as e:  # driver missing, server down, bad credentials
+        raise CharlmError(f"Cannot open Optuna storage {paths.redact(url)}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}") from None
+
+
+class _GuardedOpenLock(optuna.storages.journal.JournalFileOpenLock):
+    """Optuna's lock file, held with Ctrl-C and SIGTERM deferred (see charlm/interrupts.py)."""
+
+    def acquire(self) -> bool:
+        interrupts.enter()
+        try:
+            return super().acquire()
+        except BaseException:
+            interrupts.leave()
+            raise
+
+    def release(self) -> None:
+        try:
+            super().release()
+        finally:
+            interrupts.leave()
+
+
+def lock_path(spec: SweepSpec, url: str) -> Path:
+    journal = paths.journal_path(url)
+    if journal is not None:
+        return Path(f"{journal}.charlm-lock")  # not ".lock": Optuna's own journal lock uses that
+    return paths.sweep_lock(spec.study.name)
+
+
+def open_study(spec: SweepSpec, storage_url: str, worker: int = 0, create: bool = False) -> optuna.Study:
+    base = spec.base_config()
+    storage = open_storage(storage_url)
+    kw = dict(study_name=spec.study.name, storage=storage, sampler=make_sampler(spec, worker),
+              pruner=make_pruner(spec, base.train.max_steps, base.train.validation_interval))
+    if create:
+        return optuna.create_study(direction=spec.study.direction, load_if_exists=True, **kw)
+    try:
+        return optuna.load_study(**kw)
+    except KeyError:
+        raise CharlmError(f"No study '{spec.study.name}' in {paths.redact(storage_url)}; run the sweep first") from None
