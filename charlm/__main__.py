@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from charlm.space import load_sweep
+    from charlm.sweepfile import load_sweep
 
     spec = load_sweep(args.sweep, n_trials=args.n_trials, storage=args.storage)
     from charlm import sweep
@@ -134,7 +135,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_best(args) -> int:
-    from charlm.space import load_sweep
+    from charlm.sweepfile import load_sweep
 
     spec = load_sweep(args.sweep, storage=args.storage)
     from charlm.best import run_best
@@ -144,8 +145,8 @@ def cmd_best(args) -> int:
 
 
 def _study(args):
-    from charlm.space import load_sweep
     from charlm.storage import open_study, storage_url
+    from charlm.sweepfile import load_sweep
 
     spec = load_sweep(args.sweep, storage=args.storage)
     url = storage_url(spec)
@@ -169,84 +170,85 @@ def cmd_dashboard(args) -> int:
     from charlm.storage import open_storage
 
     spec, _, url = _study(args)
+    # read-only: SIGTERM ends it at once (raised inside a request, wsgiref would swallow it)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(f"optuna-dashboard for study '{spec.study.name}' ({redact(url)}) on http://{args.host}:{args.port}", flush=True)
     run_server(open_storage(url), host=args.host, port=args.port)
     return 0
 
 
-def _examples(*lines: str) -> dict:
-    return {"epilog": "example:\n" + "\n".join(f"  {x}" for x in lines),
-            "formatter_class": argparse.RawDescriptionHelpFormatter}
+def _command(sub, name: str, func, help: str, *examples: str) -> argparse.ArgumentParser:
+    c = sub.add_parser(name, help=help, epilog="example:\n" + "\n".join(f"  {x}" for x in examples),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.set_defaults(func=func)
+    return c
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m charlm", description="Character-level language models, tracked in MLflow.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _study_args(c: argparse.ArgumentParser) -> None:
+    c.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
+    c.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (overrides study.storage)")
 
-    t = sub.add_parser("train", help="train one model from an experiment YAML", **_examples(
-        "python -m charlm train experiments/gpt.yaml --set train.max_steps=500 --set model.n_layer=2"))
-    t.add_argument("experiment", help="experiment YAML, e.g. experiments/gpt.yaml")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable), e.g. --set train.lr=1e-3")
-    t.add_argument("--out", metavar="DIR", help="also save the best checkpoint as DIR/model.pt")
-    t.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
-    t.set_defaults(func=cmd_train)
 
-    w = sub.add_parser("sweep", help="run (or resume) the Optuna study a sweep YAML declares", **_examples(
-        "python -m charlm sweep sweeps/smoke.yaml --workers 2",
-        "python -m charlm sweep sweeps/default.yaml --storage postgresql://charlm@dbhost/optuna"))
-    w.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
+def _model_args(c: argparse.ArgumentParser, skip: str) -> None:
+    c.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
+                   help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")
+    c.add_argument("--skip-unknown", action="store_true", help=skip)
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _study_commands(sub) -> None:
+    w = _command(sub, "sweep", cmd_sweep, "run (or resume) the Optuna study a sweep YAML declares",
+                 "python -m charlm sweep sweeps/smoke.yaml --workers 2",
+                 "python -m charlm sweep sweeps/default.yaml --storage postgresql://charlm@dbhost/optuna")
+    _study_args(w)
     w.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine (default 1)")
     w.add_argument("--n-trials", type=int, default=None, help="total trials for the study (overrides study.n_trials)")
-    w.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (overrides study.storage)")
     w.add_argument("--dry-run", action="store_true", help="print the resolved space and sampled configs; train nothing")
     w.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    w.set_defaults(func=cmd_sweep)
-
-    b = sub.add_parser("best", help="retrain the study's best trial with the full budget over seeds, test it, save it",
-                       **_examples("python -m charlm best sweeps/default.yaml --seeds 0 1"))
-    b.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
+    b = _command(sub, "best", cmd_best, "retrain the study's best trial with the full budget over seeds, test it, save it",
+                 "python -m charlm best sweeps/default.yaml --seeds 0 1")
+    _study_args(b)
     b.add_argument("--seeds", type=int, nargs="+", default=None, help="override best.seeds")
-    b.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (overrides study.storage)")
-    b.set_defaults(func=cmd_best)
+    r = _command(sub, "report", cmd_report, "write a Markdown report of a study (mlruns/reports/<study>/) and log it",
+                 "python -m charlm report sweeps/smoke.yaml")
+    _study_args(r)
+    d = _command(sub, "dashboard", cmd_dashboard, "optuna-dashboard over a study's storage (127.0.0.1 unless --host)",
+                 "python -m charlm dashboard sweeps/default.yaml --port 8080")
+    _study_args(d)
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    d.add_argument("--port", type=int, default=8080, help="port (default 8080)")
 
-    e = sub.add_parser("eval", help="score a text with a checkpoint (full-pass protocol)", **_examples(
-        "python -m charlm eval --model mlruns/best/default --split test --json"))
-    e.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
-                   help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")
+
+def _model_commands(sub) -> None:
+    e = _command(sub, "eval", cmd_eval, "score a text with a checkpoint (full-pass protocol)",
+                 "python -m charlm eval --model mlruns/best/default --split test --json")
+    _model_args(e, "drop characters outside the model's vocabulary instead of failing")
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", metavar="FILE", help="UTF-8 text file to score")
     src.add_argument("--split", choices=["train", "val", "test"], help="a split of the checkpoint's own corpus")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--skip-unknown", action="store_true", help="drop characters outside the model's vocabulary instead of failing")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    e.set_defaults(func=cmd_eval)
-
-    s = sub.add_parser("sample", help="generate text from a checkpoint", **_examples(
-        "python -m charlm sample --model mlruns/best --prompt 'ROMEO:' --chars 300"))
-    s.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
-                   help=f"checkpoint file or folder holding one (default {DEFAULT_MODEL})")
+    s = _command(sub, "sample", cmd_sample, "generate text from a checkpoint",
+                 "python -m charlm sample --model mlruns/best --prompt 'ROMEO:' --chars 300")
+    _model_args(s, "drop prompt characters outside the vocabulary")
     s.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     s.add_argument("--chars", type=int, default=500, help="characters to generate (default 500)")
     s.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
     s.add_argument("--top-k", type=int, default=None, help="sample only among the K likeliest characters")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    s.add_argument("--skip-unknown", action="store_true", help="drop prompt characters outside the vocabulary")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.set_defaults(func=cmd_sample)
 
-    r = sub.add_parser("report", help="write a Markdown report of a study (mlruns/reports/<study>/) and log it",
-                       **_examples("python -m charlm report sweeps/smoke.yaml"))
-    r.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
-    r.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (overrides study.storage)")
-    r.set_defaults(func=cmd_report)
 
-    d = sub.add_parser("dashboard", help="optuna-dashboard over a study's storage (127.0.0.1 unless --host)",
-                       **_examples("python -m charlm dashboard sweeps/default.yaml --port 8080"))
-    d.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
-    d.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (overrides study.storage)")
-    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    d.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    d.set_defaults(func=cmd_dashboard)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m charlm", description="Character-level language models, tracked in MLflow.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = _command(sub, "train", cmd_train, "train one model from an experiment YAML",
+                 "python -m charlm train experiments/gpt.yaml --set train.max_steps=500 --set model.n_layer=2")
+    t.add_argument("experiment", help="experiment YAML, e.g. experiments/gpt.yaml")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set train.lr=1e-3")
+    t.add_argument("--out", metavar="DIR", help="also save the best checkpoint as DIR/model.pt")
+    t.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    _study_commands(sub)
+    _model_commands(sub)
     return p
 
 

@@ -20,8 +20,8 @@ from charlm import checkpoint, config, paths
 from charlm.config import dump_yaml
 from charlm.errors import CharlmError
 from charlm.models import generate
-from charlm.space import SweepSpec
 from charlm.storage import open_study, storage_url
+from charlm.sweepfile import SweepSpec
 from charlm.tracking import MlflowTracker
 from charlm.train import train
 
@@ -65,54 +65,16 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
                            "budget_multiplier": spec.best.budget_multiplier})
         best_loaded = None
         for seed in seeds:
-            seed_cfg = config.override(cfg, {"train.seed": seed}, where="best seeds")
-            seed_cfg = replace(seed_cfg, name=f"best-seed-{seed}")
-            # A finished seed is kept under a name tied to its exact config, so an interrupted
-            # `make best` run again skips the seeds already done and resumes the one it was in.
-            key = hashlib.sha256(dump_yaml(seed_cfg).encode()).hexdigest()[:12]
-            done, kept = out / ".seeds" / f"seed-{seed}-{key}.json", out / ".seeds" / f"seed-{seed}-{key}.pt"
-            if done.is_file() and kept.is_file():
-                row, loaded = json.loads(done.read_text()), checkpoint.load(kept)
-                print(f"  seed {seed}: val {row['val_loss']:.4f}  test {row['test_loss']:.4f}  "
-                      f"(kept from an earlier run: MLflow run {row['run_id']})")
-            else:
-                with MlflowTracker(spec.study.name, seed_cfg.name, parent_run_id=parent.run_id,
-                                   tags={**tags, "seed": str(seed)}) as tracker:
-                    # an interrupted seed resumes from its last evaluation, optimizer state included
-                    res = train(seed_cfg, tracker, state_path=out / ".seeds" / f"seed-{seed}-{key}.state.pt")
-                    loaded = checkpoint.load(res.checkpoint) if res.checkpoint else None
-                row = {"seed": seed, "val_loss": res.best_val_loss, "test_loss": res.test_loss,
-                       "steps": res.steps, "stop": res.stop_reason, "seconds": round(res.train_seconds, 1),
-                       "run_id": res.run_id, **res.mixture}
-                mix = (f", network alone {res.mixture['network_test_loss']:.4f}, mixed with a "
-                       f"{cfg.model.mix_order}-gram at w={res.mixture['mix_weight']:.3f}") if res.mixture else ""
-                print(f"  seed {seed}: val {res.best_val_loss:.4f}  test {res.test_loss:.4f}  "
-                      f"({res.steps} steps, {res.stop_reason}, {res.train_seconds:.0f}s{mix})")
-                if loaded:
-                    done.parent.mkdir(parents=True, exist_ok=True)
-                    checkpoint.save(kept, loaded.model, loaded.cfg, loaded.vocab, loaded.meta)
-                    _write_atomic(done, json.dumps(row))
+            row, loaded = _seed(spec, cfg, seed, out, parent.run_id, tags)
             rows.append(row)
             if loaded and (best_loaded is None or row["val_loss"] < best_loaded[0]):
                 best_loaded = (row["val_loss"], seed, loaded)
         if best_loaded is None:
             raise CharlmError("Every retrain diverged; nothing to save. Lower train.lr in the sweep's space")
-        tests = [r["test_loss"] for r in rows]
-        vals = [r["val_loss"] for r in rows]
-        summary = {
-            "study": spec.study.name, "trial": trial.number, "trial_val_loss": trial.value,
-            "seeds": list(seeds), "saved_seed": best_loaded[1],
-            "test_loss_mean": statistics.fmean(tests), "test_loss_std": statistics.pstdev(tests),
-            "val_loss_mean": statistics.fmean(vals), "val_loss_std": statistics.pstdev(vals),
-            "runs": rows,
-        }
-        if all("network_test_loss" in r for r in rows):  # what the n-gram mixture adds
-            nets = [r["network_test_loss"] for r in rows]
-            summary["network_test_loss_mean"] = statistics.fmean(nets)
-            summary["network_test_loss_std"] = statistics.pstdev(nets)
-        parent.log_metrics({k: v for k, v in summary.items() if k.endswith(("_mean", "_std"))})
-        parent.set_tags({"saved_seed": best_loaded[1]})
         _, seed, loaded = best_loaded
+        summary = _summary(spec, trial, seeds, seed, rows)
+        parent.log_metrics({k: v for k, v in summary.items() if k.endswith(("_mean", "_std"))})
+        parent.set_tags({"saved_seed": seed})
         checkpoint.save(out / checkpoint.FILENAME, loaded.model, loaded.cfg, loaded.vocab, loaded.meta)
         _write_atomic(out / "config.yaml", dump_yaml(loaded.cfg))
         _write_atomic(out / "vocab.json", json.dumps(loaded.vocab.to_list(), ensure_ascii=False))
@@ -125,3 +87,51 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
     text = generate(loaded.model, start, 300, temperature=0.8, generator=torch.Generator().manual_seed(0))
     print("--- sample ---\n" + loaded.vocab.decode(text[0].tolist()))
     return out
+
+
+def _seed(spec: SweepSpec, cfg: config.Config, seed: int, out: Path, parent_run_id: str, tags: dict):
+    """One seed's retrain as a child run, or its result kept from an earlier, interrupted `make best`."""
+    seed_cfg = replace(config.override(cfg, {"train.seed": seed}, where="best seeds"), name=f"best-seed-{seed}")
+    # A finished seed is kept under a name tied to its exact config, so an interrupted
+    # `make best` run again skips the seeds already done and resumes the one it was in.
+    key = hashlib.sha256(dump_yaml(seed_cfg).encode()).hexdigest()[:12]
+    done, kept = out / ".seeds" / f"seed-{seed}-{key}.json", out / ".seeds" / f"seed-{seed}-{key}.pt"
+    if done.is_file() and kept.is_file():
+        row, loaded = json.loads(done.read_text()), checkpoint.load(kept)
+        print(f"  seed {seed}: val {row['val_loss']:.4f}  test {row['test_loss']:.4f}  "
+              f"(kept from an earlier run: MLflow run {row['run_id']})")
+        return row, loaded
+    with MlflowTracker(spec.study.name, seed_cfg.name, parent_run_id=parent_run_id,
+                       tags={**tags, "seed": str(seed)}) as tracker:
+        # an interrupted seed resumes from its last evaluation, optimizer state included
+        res = train(seed_cfg, tracker, state_path=out / ".seeds" / f"seed-{seed}-{key}.state.pt")
+        loaded = checkpoint.load(res.checkpoint) if res.checkpoint else None
+    row = {"seed": seed, "val_loss": res.best_val_loss, "test_loss": res.test_loss,
+           "steps": res.steps, "stop": res.stop_reason, "seconds": round(res.train_seconds, 1),
+           "run_id": res.run_id, **res.mixture}
+    mix = (f", network alone {res.mixture['network_test_loss']:.4f}, mixed with a "
+           f"{cfg.model.mix_order}-gram at w={res.mixture['mix_weight']:.3f}") if res.mixture else ""
+    print(f"  seed {seed}: val {res.best_val_loss:.4f}  test {res.test_loss:.4f}  "
+          f"({res.steps} steps, {res.stop_reason}, {res.train_seconds:.0f}s{mix})")
+    if loaded:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.save(kept, loaded.model, loaded.cfg, loaded.vocab, loaded.meta)
+        _write_atomic(done, json.dumps(row))
+    return row, loaded
+
+
+def _summary(spec: SweepSpec, trial, seeds: tuple[int, ...], saved_seed: int, rows: list[dict]) -> dict:
+    """Mean and spread over seeds; with a mixture, also the network alone."""
+    tests, vals = [r["test_loss"] for r in rows], [r["val_loss"] for r in rows]
+    summary = {
+        "study": spec.study.name, "trial": trial.number, "trial_val_loss": trial.value,
+        "seeds": list(seeds), "saved_seed": saved_seed,
+        "test_loss_mean": statistics.fmean(tests), "test_loss_std": statistics.pstdev(tests),
+        "val_loss_mean": statistics.fmean(vals), "val_loss_std": statistics.pstdev(vals),
+        "runs": rows,
+    }
+    if all("network_test_loss" in r for r in rows):  # what the n-gram mixture adds
+        nets = [r["network_test_loss"] for r in rows]
+        summary["network_test_loss_mean"] = statistics.fmean(nets)
+        summary["network_test_loss_std"] = statistics.pstdev(nets)
+    return summary

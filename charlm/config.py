@@ -8,8 +8,9 @@ user can get wrong (an unknown or misspelt key, a wrong type, a value out of ran
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ from typing import Any
 import yaml
 
 from charlm.errors import CharlmError
-from charlm.validate import hint, is_int, is_number
 
 
 class ConfigError(CharlmError):
@@ -107,6 +107,26 @@ def all_keys() -> list[str]:
 
 def unknown_key(key: str, where: str, error: type[CharlmError] = ConfigError) -> CharlmError:
     return error(f"Unknown config key '{key}' in {where}{hint(key, all_keys(), 'known keys')}")
+
+
+# The checks sweep files share (charlm/space.py, charlm/sweepfile.py)
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def hint(key: str, known: Iterable[str], listing: str = "") -> str:
+    """``"; did you mean 'train.lr'?"`` for a near miss, else ``"; <listing>: a, b, c"`` (or nothing)."""
+    known = list(known)
+    near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    if near:
+        return f"; did you mean '{near[0]}'?"
+    return f"; {listing}: {', '.join(known)}" if listing else ""
 
 
 def _coerce(key: str, value: Any, typ: type, where: str) -> Any:

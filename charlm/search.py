@@ -12,8 +12,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from charlm.space import SweepSpec, grid_space
+from charlm.space import grid_space
 from charlm.stopping import Patience
+from charlm.sweepfile import SweepSpec
 
 
 def make_sampler(spec: SweepSpec, worker: int = 0) -> optuna.samplers.BaseSampler:

@@ -15,7 +15,7 @@ import optuna
 from charlm import interrupts, paths
 from charlm.errors import CharlmError
 from charlm.search import make_pruner, make_sampler
-from charlm.space import SweepSpec
+from charlm.sweepfile import SweepSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -18,10 +18,10 @@ from optuna.trial import TrialState
 from charlm import paths
 from charlm.errors import CharlmError
 from charlm.objective import log_baseline
-from charlm.report import log_report
-from charlm.space import SweepSpec, suggest
+from charlm.report import SweepProgress, counted, fmt, log_report, refresh_summary, target_trials, trials_table
+from charlm.space import suggest
 from charlm.storage import Session, lock_path, open_study, storage_url
-from charlm.summary import SweepProgress, counted, fmt, refresh_summary, target_trials, trials_table
+from charlm.sweepfile import SweepSpec
 from charlm.tracking import file_lock, get_or_create_experiment, git_commit, tracking_uri
 from charlm.workers import spawn, threads_for, worker_loop
 

@@ -22,8 +22,8 @@ import optuna
 from optuna.trial import TrialState
 
 from charlm.objective import requeue, run_trial
+from charlm.report import SweepProgress, counted, refresh_summary, target_trials
 from charlm.storage import Session, lock_path
-from charlm.summary import SweepProgress, counted, refresh_summary, target_trials
 from charlm.tracking import file_lock, tracking_uri
 
 HEARTBEAT_SECONDS = 10.0

@@ -80,7 +80,7 @@ def test_make_ui_binds_loopback_with_host_and_cors_protection(tmp_path):
 def test_a_password_in_a_sweep_file_or_on_the_command_line_is_refused(tmp_path):
     import yaml
 
-    from charlm.space import SweepError, load_sweep
+    from charlm.sweepfile import SweepError, load_sweep
 
     doc = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
     doc["base"] = str(ROOT / "experiments" / "gpt.yaml")

@@ -15,11 +15,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from charlm import config
+from charlm.report import counted
 from charlm.search import PatiencePruner
-from charlm.space import SweepError, load_sweep
 from charlm.stopping import Patience
 from charlm.storage import open_storage
-from charlm.summary import counted
+from charlm.sweepfile import SweepError, load_sweep
 from helpers import PYTHON, ROOT, cli, free_port
 
 SMOKE = ROOT / "sweeps" / "smoke.yaml"

@@ -1,0 +1,234 @@
+"""Sweep YAML -> a validated :class:`SweepSpec`. The shipped files in ``sweeps/`` show every
+section; ``smoke.yaml`` is the shortest::
+
+    study:   {name: smoke, n_trials: 8, storage: null}   # storage: any Optuna URL; null = a journal
+    sampler: {type: tpe, seed: 0, n_startup_trials: 4}
+    pruner:  {type: patience, reference: median, min_trials: 2}
+    base: experiments/gpt.yaml      # the experiment every trial starts from; `fixed:` overrides it
+    space: {model.kind: {choice: [ff, gpt]}, when: {"model.kind == gpt": {model.n_layer: {int: [1, 4]}}}}
+    best: {budget_multiplier: 3, seeds: [0, 1, 2]}
+    baseline: experiments/ngram.yaml  # logged once beside the trials: the floor to beat
+
+Every mistake is a :class:`SweepError` naming the file, the key and what was expected, raised
+before any trial starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from charlm import config, paths
+from charlm.config import ConfigError, is_int, is_number
+from charlm.space import Param, SweepError, check_corners, config_key, fail, parse_space, suggest, unknown
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("patience", "median", "successive_halving", "hyperband", "none")
+REFERENCES = ("median", "percentile", "best", "self")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str  # Optuna study name and MLflow experiment name
+    metric: str = "val_loss"  # full-pass val loss of the restored best weights
+    direction: str = "minimize"
+    n_trials: int = 20  # total over every run of the sweep (resume continues to this)
+    timeout_min: float = 0.0  # stop starting trials after this many minutes of one call; 0 = none
+    storage: str = ""  # any Optuna storage URL; empty = journal file mlruns/optuna/<name>.journal
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    type: str = "tpe"  # tpe | random | grid
+    seed: int = 0  # worker k uses seed + k, so parallel workers do not propose the same points
+    n_startup_trials: int = 8  # tpe: random trials before the model takes over
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    type: str = "patience"  # patience | median | successive_halving | hyperband | none
+    reference: str = "median"  # patience: median | percentile | best | self (peers' value at a step)
+    percentile: float = 50.0  # reference=percentile: which percentile of the peers
+    min_trials: int = 3  # peers needed at a step before a trial can be judged there
+    warmup_steps: int = 0  # no pruning before this step
+
+
+@dataclass(frozen=True)
+class BestSpec:
+    budget_multiplier: float = 3.0  # retrain with max_steps (and max_minutes) times this
+    seeds: tuple[int, ...] = (0, 1, 2)  # one retrain per seed: mean and spread on test
+    # config overrides for the retrain only, e.g. {data.val_fraction: 0.01, model.mix_order: 8}:
+    # train on 89% of the text (val kept to 1% for stopping and the mixture weight) and mix
+    set: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    path: str
+    study: StudySpec
+    sampler: SamplerSpec
+    pruner: PrunerSpec
+    base: str  # experiment YAML every trial starts from ("" = the defaults)
+    fixed: dict = field(default_factory=dict)
+    space: tuple[Param, ...] = ()
+    best: BestSpec = field(default_factory=BestSpec)
+    baseline: str = ""  # an experiment logged once beside the trials (e.g. the n-gram floor)
+
+    def base_config(self) -> config.Config:
+        cfg = config.load(self.base) if self.base else config.Config()
+        cfg = config.override(cfg, self.fixed, where=f"{self.path} (fixed)")
+        return dataclasses.replace(cfg, experiment=self.study.name)
+
+    def trial_config(self, values: dict[str, Any], number: int) -> config.Config:
+        cfg = config.override(self.base_config(), values, where=f"{self.path} (trial {number})")
+        return dataclasses.replace(cfg, name=f"trial-{number:03d}")
+
+    def replay(self, trial) -> config.Config:
+        """A finished trial's config; replaying its params restores values fixed under a `when`."""
+        import optuna
+
+        return self.trial_config(suggest(optuna.trial.FixedTrial(trial.params, trial.number), self), trial.number)
+
+
+_SECTIONS = {"study": StudySpec, "sampler": SamplerSpec, "pruner": PrunerSpec, "best": BestSpec}
+_TOP = ("study", "sampler", "pruner", "base", "fixed", "space", "best", "baseline")
+_CHOICES = {"study.direction": ("minimize", "maximize"), "study.metric": ("val_loss",),
+            "sampler.type": SAMPLERS, "pruner.type": PRUNERS, "pruner.reference": REFERENCES}
+
+
+def _section(path: str, name: str, raw: Any, cls, required: tuple[str, ...] = ()):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise fail(path, name, "a mapping", raw)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in fields:
+            raise unknown(path, f"{name}.{k}", [f"{name}.{f}" for f in fields])
+    for k in required:
+        if k not in raw:
+            raise fail(path, f"{name}.{k}", "given")
+    out = {}
+    for k, v in raw.items():
+        typ = fields[k].type
+        key = f"{name}.{k}"
+        if typ in ("int",):
+            if not is_int(v):
+                raise fail(path, key, "an integer", v)
+        elif typ in ("float",):
+            if not is_number(v):
+                raise fail(path, key, "a number", v)
+            v = float(v)
+        elif typ in ("str",):
+            if v is None:
+                v = ""
+            if not isinstance(v, str):
+                raise fail(path, key, "a string", v)
+        elif typ == "dict":
+            if not isinstance(v, dict):
+                raise fail(path, key, "a mapping of config keys to values", v)
+            for ck in v:
+                config_key(path, ck, key)
+            v = dict(v)
+        elif typ.startswith("tuple"):
+            if not isinstance(v, list) or not v or not all(is_int(x) for x in v):
+                raise fail(path, key, "a non-empty list of integers", v)
+            v = tuple(v)
+        if key in _CHOICES and v not in _CHOICES[key]:
+            raise fail(path, key, "one of " + " | ".join(_CHOICES[key]), v)
+        out[k] = v
+    return cls(**out)
+
+
+def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | None = None) -> SweepSpec:
+    path = str(path)
+    try:
+        doc = config.read_yaml(path)
+    except ConfigError as e:
+        raise SweepError(str(e).replace("Config file", "Sweep file").replace(
+            "e.g. experiments/gpt.yaml", "e.g. sweeps/smoke.yaml").replace(
+            "expected sections such as 'model:' and 'train:'", "expected sections such as 'study:' and 'space:'")) from None
+    if not isinstance(doc, dict):
+        raise SweepError(f"Sweep file {path} must be a mapping with sections {', '.join(_TOP)}")
+    for k in doc:
+        if k not in _TOP:
+            raise unknown(path, str(k), list(_TOP))
+    study = _study(path, doc, n_trials, storage)
+    sampler = _section(path, "sampler", doc.get("sampler"), SamplerSpec)
+    pruner = _section(path, "pruner", doc.get("pruner"), PrunerSpec)
+    if not 0 <= pruner.percentile <= 100:
+        raise fail(path, "pruner.percentile", "a number in [0, 100]", pruner.percentile)
+    if pruner.min_trials < 1:
+        raise fail(path, "pruner.min_trials", "an integer >= 1", pruner.min_trials)
+    best = _section(path, "best", doc.get("best"), BestSpec)
+    if best.budget_multiplier <= 0:
+        raise fail(path, "best.budget_multiplier", "a number > 0", best.budget_multiplier)
+    base = _experiment_path(path, "base", doc.get("base"))
+    baseline = _experiment_path(path, "baseline", doc.get("baseline"))
+    if baseline:
+        try:
+            config.load(baseline)
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
+    fixed = doc.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise fail(path, "fixed", "a mapping of config keys to values", fixed)
+    for k in fixed:
+        config_key(path, k, "fixed")
+    space = parse_space(path, doc.get("space"), fixed)
+    if sampler.type == "grid":
+        _grid_ready(path, space)
+    spec = SweepSpec(path=path, study=study, sampler=sampler, pruner=pruner, base=base,
+                     fixed=dict(fixed), space=space, best=best, baseline=baseline)
+    check_corners(spec)
+    return spec
+
+
+def _study(path: str, doc: dict, n_trials: int | None, storage: str | None) -> StudySpec:
+    if "study" not in doc:
+        raise fail(path, "study", "given (at least study.name)")
+    study = _section(path, "study", doc.get("study"), StudySpec, required=("name",))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", study.name):
+        raise fail(path, "study.name", "letters, digits, '_', '.', '-'", study.name)
+    if n_trials is not None:
+        study = dataclasses.replace(study, n_trials=n_trials)
+    if paths.has_password(study.storage):
+        raise SweepError(f"study.storage in {path} holds a password; sweep files are shared and committed. "
+                         "Put it in PGPASSWORD or a .pgpass file (PGPASSFILE) and write postgresql://user@host/db")
+    if storage:
+        if paths.has_password(storage):
+            raise SweepError("--storage holds a password, which the process list and shell history would show; "
+                             "put it in PGPASSWORD or a .pgpass file (PGPASSFILE) and pass postgresql://user@host/db")
+        study = dataclasses.replace(study, storage=storage)
+    if study.n_trials < 1:
+        raise fail(path, "study.n_trials", "an integer >= 1", study.n_trials)
+    if study.timeout_min < 0:
+        raise fail(path, "study.timeout_min", "a number >= 0", study.timeout_min)
+    return study
+
+
+def _grid_ready(path: str, space: tuple[Param, ...]) -> None:
+    if any(p.when for p in space):
+        raise fail(path, "sampler.type", "tpe or random for a space with 'when' conditions (grid needs a flat space)",
+                   "grid")
+    for p in space:
+        if p.kind == "float" and not p.step:
+            raise fail(path, f"space.{p.key}", "a choice or a stepped range for grid search", p.describe())
+
+
+def _experiment_path(path: str, key: str, value: Any) -> str:
+    """An experiment named in a sweep: as written (from the cwd), else beside the sweep file, else
+    from the folder above it, so sweeps/x.yaml naming experiments/y.yaml works from anywhere."""
+    if not value:
+        return ""
+    if not isinstance(value, str):
+        raise fail(path, key, "a path to an experiment YAML", value)
+    here = Path(path).resolve().parent
+    found = next((c for c in (Path(value), here / value, here.parent / value) if c.is_file()), None)
+    if found is None:
+        raise SweepError(f"{key.capitalize()} experiment '{value}' named in {path} not found (give a path from "
+                         f"the repository root, e.g. experiments/gpt.yaml)")
+    return str(found)
