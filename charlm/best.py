@@ -53,7 +53,7 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
     study = open_study(spec, url)
     cfg, trial = best_config(spec, study)
     seeds = tuple(seeds or spec.best.seeds)
-    out = paths.best_dir(spec.study.name)
+    out = paths.BEST_ROOT / spec.study.name
     out.mkdir(parents=True, exist_ok=True)
     print(f"best trial {trial.number} of study '{spec.study.name}' ({paths.redact(url)}): val {trial.value:.4f}; "
           f"retraining {cfg.train.max_steps} steps x seeds {list(seeds)}")
