@@ -18,7 +18,9 @@ dropped by MLflow before the model sees the request (a warning in the server's l
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -136,10 +138,25 @@ def requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in ("torch", "mlflow", "pyyaml", "pandas")]
 
 
+@contextlib.contextmanager
+def fluent_uri(uri: str):
+    """MLflow's fluent API on ``uri`` for a while; the process's setting (and its
+    ``MLFLOW_TRACKING_URI``, which ``set_tracking_uri`` rewrites) restored after."""
+    from mlflow.tracking._tracking_service import utils
+
+    before, env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 def log_model(run_id: str, checkpoint_path: Path, uri: str) -> str:
     """Log the checkpoint as a pyfunc model named ``model`` on ``run_id``; returns its model URI."""
-    mlflow.set_tracking_uri(uri)
-    with tempfile.TemporaryDirectory(prefix="charlm-pyfunc-") as tmp, mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory(prefix="charlm-pyfunc-") as tmp, fluent_uri(uri), mlflow.start_run(run_id=run_id):
         entry = Path(tmp) / "charlm_model.py"
         entry.write_text(ENTRY)
         info = mlflow.pyfunc.log_model(
@@ -192,7 +209,7 @@ def register(client, name: str, model_uri: str, run_id: str, val_loss: float, ta
         wins = current is None or old is None or float(val_loss) < old
         if wins:
             client.set_registered_model_alias(name, ALIAS, str(version))
-    return Registered(name, str(version), wins, current.version if current else None, old, float(val_loss))
+    return Registered(name, str(version), wins, str(current.version) if current else None, old, float(val_loss))
 
 
 def log_and_register(run_id: str, checkpoint_path: Path, study: str, val_loss: float, tags: dict,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
+import json
 import os
 import re
 import subprocess
@@ -64,6 +66,7 @@ class NullTracker:
         self.metrics: dict[str, list[tuple[int | None, float]]] = {}
         self.tags: dict[str, str] = {}
         self.artifacts: list[str] = []
+        self.datasets: list[dict[str, Any]] = []
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.params.update({k: str(v) for k, v in params.items()})
@@ -84,6 +87,9 @@ class NullTracker:
     def artifact_uri(self, artifact_path: str) -> str:
         return str(self.workdir / artifact_path)
 
+    def log_dataset(self, corpus, context: str = "training") -> None:
+        self.datasets.append(dataset_fields(corpus, context))
+
 
 class MlflowTracker:
     """One MLflow run, used as a context manager.
@@ -99,7 +105,7 @@ class MlflowTracker:
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = get_or_create_experiment(self.client, experiment, self.uri)
-        all_tags = {"mlflow.source.git.commit": git_commit(), "mlflow.source.name": "charlm"}
+        all_tags = source_tags()
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         all_tags.update(tags or {})
@@ -164,6 +170,34 @@ class MlflowTracker:
         """Where an artifact of this run lives, as a local path when the store is local."""
         uri = f"{self._artifact_uri}/{artifact_path}"
         return uri[len("file://"):] if uri.startswith("file://") else uri
+
+    def log_dataset(self, corpus, context: str = "training") -> None:
+        """The corpus as the run's MLflow dataset input (lineage: which text, read from where)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        d = dataset_fields(corpus, context)
+        entity = Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                         source=json.dumps({"uri": d["source"]}),
+                         profile=json.dumps(d["profile"]))
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+
+
+def dataset_fields(corpus, context: str) -> dict[str, Any]:
+    """What identifies a corpus. MLflow caps a digest at 36 characters: the digest is the head of
+    the sha256, whose full value is in the profile (and in the run's ``data_sha256`` param)."""
+    return {"name": corpus.path.name, "digest": corpus.sha256[:36], "source": Path(corpus.path).resolve().as_uri(),
+            "context": context, "profile": {"sha256": corpus.sha256, "chars": len(corpus.data),
+                                            "vocab_size": len(corpus.vocab)}}
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags: who ran it, from what, at which commit."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        user = str(os.getuid())
+    return {"mlflow.user": user, "mlflow.source.type": "LOCAL", "mlflow.source.name": "charlm",
+            "mlflow.source.git.commit": git_commit()}
 
 
 @contextlib.contextmanager

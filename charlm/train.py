@@ -179,6 +179,7 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
         "amp": "bf16" if amp else "fp32",
         "torch_threads": torch.get_num_threads(),
     })
+    tracker.log_dataset(corpus)
     (tracker.workdir / "config.yaml").write_text(dump_yaml(cfg))
     tracker.log_artifact(tracker.workdir / "config.yaml")
     ckpt_path = tracker.workdir / "model" / checkpoint.FILENAME
