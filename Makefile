@@ -84,7 +84,7 @@ server: $(STAMP) ## MLflow tracking server for many machines: make server BACKEN
 		--serve-artifacts --host $(HOST) --port $(PORT) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
 
 serve: $(STAMP) ## REST scoring server on 127.0.0.1:5000 for a registered model (SERVE_MODEL=models:/charlm-smoke@champion, PORT=)
-	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlruns)/mlflow.db} \
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlruns)/mlflow.db} PATH=$(abspath $(VENV))/bin:$$PATH \
 		$(VENV)/bin/mlflow models serve -m $(SERVE_MODEL) --env-manager local --host $(HOST) --port $(PORT)
 
 clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)

@@ -148,9 +148,10 @@ def test_sweep_best_register_then_make_serve_answers(tmp_path):
     port = _free_port()
     venv = Path(sys.executable).parent.parent
     # -o: the test runs from an installed environment; never reinstall it from here
+    log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(["make", "-s", "-C", str(ROOT), "serve", f"VENV={venv}", "-o", f"{venv}/.installed",
                                f"PORT={port}", "SERVE_MODEL=models:/charlm-smoke@champion"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 180
         while True:
@@ -158,7 +159,7 @@ def test_sweep_best_register_then_make_serve_answers(tmp_path):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
                 break
             except OSError:
-                assert time.time() < deadline and server.poll() is None, "make serve did not come up"
+                assert time.time() < deadline and server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
                 time.sleep(1)
         status, body = _post(port, {"dataframe_records": [{"prompt": "ROMEO:"}], "params": {"chars": 80}})
         assert status == 200 and len(body["predictions"][0]) == 80 and set(body["predictions"][0]) <= set(vocab.chars)
@@ -171,5 +172,16 @@ def test_sweep_best_register_then_make_serve_answers(tmp_path):
             assert 400 <= status < 500, (request, status, body)
             assert words in body["reason"] and "\n" not in body["reason"]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+        log.close()
+    deadline = time.time() + 30  # uvicorn, make's grandchild, finishes its shutdown last
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+            time.sleep(0.5)
+        except OSError:
+            break
+    else:
+        pytest.fail(f"the scoring server still answers on port {port} after make serve was stopped")
