@@ -185,14 +185,16 @@ class Registered:
 
 
 def register(client, name: str, model_uri: str, run_id: str, val_loss: float, tags: dict,
-             uri: str = "") -> Registered:
+             uri: str) -> Registered:
     """A new version of ``name``; it takes the ``champion`` alias only if its val loss beats the
     current champion's (the ``val_loss`` tag of each version), so test figures never decide."""
     from mlflow.exceptions import MlflowException
 
     from charlm.tracking import store_lock
 
-    with store_lock(uri):  # two `make best` at once: one compares, then the other
+    # one `make best` at a time compares and moves the alias; the registry finds a logged model
+    # (models:/m-...) through the process's tracking URI, not the client's
+    with store_lock(uri), fluent_uri(uri):
         try:
             client.create_registered_model(name, description="charlm models; the alias 'champion' "
                                                              "is the version with the lowest val loss")
