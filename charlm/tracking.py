@@ -22,6 +22,7 @@ from charlm.errors import CharlmError
 
 DEFAULT_STORE = Path("mlruns")  # relative to the working directory, like MLflow's own default
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_METRICS_INTERVAL = 2.0  # seconds between samples: a smoke trial lasts a few seconds, a real one minutes
 
 
 def tracking_uri() -> str:
@@ -67,6 +68,7 @@ class NullTracker:
         self.tags: dict[str, str] = {}
         self.artifacts: list[str] = []
         self.datasets: list[dict[str, Any]] = []
+        self.system_metrics: float | None = None
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.params.update({k: str(v) for k, v in params.items()})
@@ -89,6 +91,9 @@ class NullTracker:
 
     def log_dataset(self, corpus, context: str = "training") -> None:
         self.datasets.append(dataset_fields(corpus, context))
+
+    def start_system_metrics(self, interval: float = SYSTEM_METRICS_INTERVAL) -> None:
+        self.system_metrics = interval
 
 
 class MlflowTracker:
@@ -116,6 +121,7 @@ class MlflowTracker:
         self._tmp = tempfile.TemporaryDirectory(prefix="charlm-run-")
         self.workdir = Path(self._tmp.name)
         self.status: str | None = None
+        self._monitor = None
 
     def __enter__(self) -> "MlflowTracker":
         return self
@@ -134,6 +140,8 @@ class MlflowTracker:
         if self.status is not None:
             return
         try:
+            if self._monitor is not None:
+                self._monitor.finish()  # its last samples are written before the run ends
             self.flush()
         finally:
             self.client.set_terminated(self.run_id, status=status)
@@ -170,6 +178,15 @@ class MlflowTracker:
         """Where an artifact of this run lives, as a local path when the store is local."""
         uri = f"{self._artifact_uri}/{artifact_path}"
         return uri[len("file://"):] if uri.startswith("file://") else uri
+
+    def start_system_metrics(self, interval: float = SYSTEM_METRICS_INTERVAL) -> None:
+        """MLflow's sampler of CPU, memory, disk and network (``system/*`` metrics) on this run, in
+        a thread, until the run ends."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        if self._monitor is None:
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, tracking_uri=self.uri)
+            self._monitor.start()
 
     def log_dataset(self, corpus, context: str = "training") -> None:
         """The corpus as the run's MLflow dataset input (lineage: which text, read from where)."""

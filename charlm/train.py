@@ -180,6 +180,8 @@ def train(cfg: Config, tracker, on_eval: Callable[[EvalEvent], str | None] | Non
         "torch_threads": torch.get_num_threads(),
     })
     tracker.log_dataset(corpus)
+    if cfg.train.system_metrics:
+        tracker.start_system_metrics()
     (tracker.workdir / "config.yaml").write_text(dump_yaml(cfg))
     tracker.log_artifact(tracker.workdir / "config.yaml")
     ckpt_path = tracker.workdir / "model" / checkpoint.FILENAME

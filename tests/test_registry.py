@@ -185,3 +185,20 @@ def test_sweep_best_register_then_make_serve_answers(tmp_path):
             break
     else:
         pytest.fail(f"the scoring server still answers on port {port} after make serve was stopped")
+
+
+def test_system_metrics_are_sampled_on_the_run_and_the_switch_turns_them_off(tiny_cfg, mlflow_uri):
+    import dataclasses
+
+    from charlm.tracking import NullTracker
+
+    with MlflowTracker("tests", "sys") as tracker:
+        tracker.start_system_metrics(interval=0.2)
+        time.sleep(1.0)
+    metrics = MlflowClient(mlflow_uri).get_run(tracker.run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    off = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, system_metrics=False))
+    for cfg, expected in ((tiny_cfg, 2.0), (off, None)):
+        null = NullTracker()
+        train(cfg, null)
+        assert null.system_metrics == expected and len(null.datasets) == 1
