@@ -182,8 +182,11 @@ class MlflowTracker:
     def start_system_metrics(self, interval: float = SYSTEM_METRICS_INTERVAL) -> None:
         """MLflow's sampler of CPU, memory, disk and network (``system/*`` metrics) on this run, in
         a thread, until the run ends."""
+        import logging
+
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
         if self._monitor is None:
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, tracking_uri=self.uri)
             self._monitor.start()
