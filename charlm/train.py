@@ -77,6 +77,9 @@ def log_params(run: Run) -> None:
         "data_file": run.corpus.path.name, "vocab_size": len(run.corpus.vocab), "git_commit": git_commit(),
         "device": run.device, "amp": "bf16" if run.amp else "fp32", "torch_threads": torch.get_num_threads(),
     })
+    tracker.log_dataset(run.corpus)
+    if cfg.train.system_metrics:
+        tracker.start_system_metrics()
     (tracker.workdir / "config.yaml").write_text(dump_yaml(cfg))
     tracker.log_artifact(tracker.workdir / "config.yaml")
 
