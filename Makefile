@@ -55,6 +55,9 @@ sample: $(STAMP) ## generate text: make sample MODEL=path/to/model.pt (default m
 eval: $(STAMP) ## score a text file: make eval MODEL=... TEXT=file.txt
 	$(PY) -m charlm eval --model $(MODEL) $(if $(TEXT),--text $(TEXT),--split test)
 
+lint: $(STAMP) ## ruff over the code, tests and benches (rules and line length in pyproject.toml)
+	$(VENV)/bin/ruff check .
+
 test: $(STAMP) ## the test suite (fast tests, a few minutes on 2 cores)
 	$(PY) -m pytest -q
 
@@ -91,4 +94,4 @@ clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install sweep best train sample eval test test-slow test-pg bench report dashboard ui server serve clean
+.PHONY: help install lint sweep best train sample eval test test-slow test-pg bench report dashboard ui server serve clean
