@@ -19,6 +19,8 @@ ARTIFACTS ?= mlruns/server/artifacts
 ALLOWED_HOSTS ?=  # Host headers the server answers besides localhost and private IPs, e.g. mlflow.lab:5000
 HOST   ?= 127.0.0.1
 TEXT   ?=
+# `make serve`: a registered model (alias or version) from the store charlm writes; MODEL stays a checkpoint path
+SERVE_MODEL ?= models:/charlm-default@champion
 # The development/CI copy of tiny shakespeare sits in ../shared/data; a user's own setting wins.
 export CHARLM_DATA_MIRROR ?= $(abspath ../shared/data)
 
@@ -53,6 +55,9 @@ sample: $(STAMP) ## generate text: make sample MODEL=path/to/model.pt (default m
 eval: $(STAMP) ## score a text file: make eval MODEL=... TEXT=file.txt
 	$(PY) -m charlm eval --model $(MODEL) $(if $(TEXT),--text $(TEXT),--split test)
 
+lint: $(STAMP) ## ruff over the code, tests and benches (rules and line length in pyproject.toml)
+	$(VENV)/bin/ruff check .
+
 test: $(STAMP) ## the test suite (fast tests, a few minutes on 2 cores)
 	$(PY) -m pytest -q
 
@@ -81,8 +86,12 @@ server: $(STAMP) ## MLflow tracking server for many machines: make server BACKEN
 	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND) --artifacts-destination $(abspath $(ARTIFACTS)) \
 		--serve-artifacts --host $(HOST) --port $(PORT) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
 
+serve: $(STAMP) ## REST scoring server on 127.0.0.1:5000 for a registered model (SERVE_MODEL=models:/charlm-smoke@champion, PORT=)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlruns)/mlflow.db} PATH=$(abspath $(VENV))/bin:$$PATH \
+		$(VENV)/bin/mlflow models serve -m $(SERVE_MODEL) --env-manager local --host $(HOST) --port $(PORT)
+
 clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install sweep best train sample eval test test-slow test-pg bench report dashboard ui server clean
+.PHONY: help install lint sweep best train sample eval test test-slow test-pg bench report dashboard ui server serve clean

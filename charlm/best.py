@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from optuna.trial import TrialState
 
-from charlm import checkpoint, config, paths
+from charlm import checkpoint, config, paths, serving
 from charlm.config import dump_yaml
 from charlm.errors import CharlmError
 from charlm.models import generate
@@ -53,7 +53,7 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
     study = open_study(spec, url)
     cfg, trial = best_config(spec, study)
     seeds = tuple(seeds or spec.best.seeds)
-    out = paths.best_dir(spec.study.name)
+    out = paths.BEST_ROOT / spec.study.name
     out.mkdir(parents=True, exist_ok=True)
     print(f"best trial {trial.number} of study '{spec.study.name}' ({paths.redact(url)}): val {trial.value:.4f}; "
           f"retraining {cfg.train.max_steps} steps x seeds {list(seeds)}")
@@ -81,8 +81,14 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
         _write_atomic(out / "metrics.json", json.dumps(summary, indent=2))
         for name in ("config.yaml", "metrics.json"):
             parent.log_artifact(out / name)
+        saved = next(r for r in rows if r["seed"] == seed)
+        figures = {"trial": trial.number, "seed": seed, "seeds": list(seeds), "test_loss": saved["test_loss"],
+                   **{k: v for k, v in summary.items() if k.startswith("test_loss_")}}
+        registered = serving.log_and_register(parent.run_id, out / checkpoint.FILENAME, spec.study.name,
+                                              saved["val_loss"], figures, parent.uri)
     print(f"test loss {summary['test_loss_mean']:.4f} +- {summary['test_loss_std']:.4f} nats/char over seeds "
           f"{list(seeds)} (val {summary['val_loss_mean']:.4f}); saved seed {seed} to {out}/")
+    print(registered.describe())
     start = torch.tensor([[loaded.vocab.index.get("\n", 0)]])
     text = generate(loaded.model, start, 300, temperature=0.8, generator=torch.Generator().manual_seed(0))
     print("--- sample ---\n" + loaded.vocab.decode(text[0].tolist()))

@@ -70,6 +70,7 @@ class TrainConfig:
     eval_stride: int = 0  # gpt full-pass window stride; 0 = context // 2
     eval_batch_size: int = 32  # windows per forward pass when evaluating
     sample_chars: int = 500  # length of the text sample saved with each run
+    system_metrics: bool = True  # CPU, memory, disk, network every 2 s on MLflow runs (system/*); ~1% of a trial (README)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,8 @@
 """The optimisation loop, the :class:`Run` it works on and the :class:`TrainState` it changes.
 
-Each step: set the scheduled learning rate, one batch, forward (bf16 autocast where it pays),
-backward, clip, update. Every ``validation_interval`` steps (and at the last step or when the clock
-runs out) an evaluation on the fixed val slice feeds the patience rule, keeps the best weights,
-saves the whole state for an exact resume, and asks ``on_eval`` whether to stop.
+Every ``validation_interval`` steps (and at the last step or when the clock runs out) an evaluation
+on the fixed val slice feeds the patience rule, keeps the best weights, saves the whole state for
+an exact resume, and asks ``on_eval`` whether to stop.
 """
 
 from __future__ import annotations

@@ -20,14 +20,6 @@ SQLITE = "sqlite:///"
 _PASSWORD = re.compile(r"(://[^:/@]+):[^@]*@")  # user:password@ in a URL
 
 
-def best_dir(study: str) -> Path:
-    return BEST_ROOT / study
-
-
-def report_dir(study: str) -> Path:
-    return REPORT_ROOT / study
-
-
 def default_storage(study: str) -> str:
     """A sweep without ``study.storage`` keeps its study in a journal file."""
     return f"{JOURNAL}{MLRUNS}/optuna/{study}.journal"

@@ -126,7 +126,7 @@ def compute_saved(spec: SweepSpec, trials) -> dict:
 
 def write_report(spec: SweepSpec, study: optuna.Study, out: Path | None = None, top: int = 10) -> Path:
     """``report.md`` and its plots under ``out`` (default ``mlruns/reports/<study>/``)."""
-    out = Path(out or paths.report_dir(spec.study.name))
+    out = Path(out or paths.REPORT_ROOT / spec.study.name)
     out.mkdir(parents=True, exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     plots = study_plots(study, out)
@@ -142,14 +142,13 @@ def write_report(spec: SweepSpec, study: optuna.Study, out: Path | None = None, 
     lines += ["", f"## Top {min(top, len(finished))} trials", "",
               "| trial | state | val loss | stop | steps | train s | params |", "|---|---|---|---|---|---|---|"]
     for t in finished[:top]:
-        params = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                           for k, v in t.params.items())
+        params = ", ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in t.params.items())
         lines.append(f"| {t.number} | {t.state.name} | {_value(t):.4f} | {t.user_attrs.get('stop_reason', '')} | "
                      f"{t.user_attrs.get('steps', '')} | {t.user_attrs.get('train_seconds', 0):.0f} | {params} |")
     lines += ["", "## Compute saved by early stopping and pruning", "",
               f"Finished trials used {saved['used']:,.0f} of the {saved['budget']:,.0f} {saved['unit']} their "
               f"budgets allowed: {saved['saved_share']:.0%} saved.", ""]
-    best_file = paths.best_dir(spec.study.name) / "metrics.json"
+    best_file = paths.BEST_ROOT / spec.study.name / "metrics.json"
     lines += ["## Best model", ""]
     if best_file.is_file():
         m = json.loads(best_file.read_text())

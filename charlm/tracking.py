@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
+import json
 import os
 import re
 import subprocess
@@ -19,6 +21,7 @@ from typing import Any, Protocol
 from charlm import paths
 from charlm.errors import CharlmError
 
+SYSTEM_METRICS_INTERVAL = 2.0  # seconds between samples: a smoke trial lasts a few seconds, a real one minutes
 
 class Tracker(Protocol):
     """What a training run records; :class:`MlflowTracker` and :class:`NullTracker` implement it."""
@@ -32,6 +35,8 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def artifact_uri(self, artifact_path: str) -> str: ...
+    def log_dataset(self, corpus, context: str = "training") -> None: ...  # lineage: which text
+    def start_system_metrics(self, interval: float = SYSTEM_METRICS_INTERVAL) -> None: ...
 
 
 def tracking_uri() -> str:
@@ -75,6 +80,8 @@ class NullTracker:
         self.metrics: dict[str, list[tuple[int | None, float]]] = {}
         self.tags: dict[str, str] = {}
         self.artifacts: list[str] = []
+        self.datasets: list[dict[str, Any]] = []
+        self.system_metrics: float | None = None
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.params.update({k: str(v) for k, v in params.items()})
@@ -95,6 +102,12 @@ class NullTracker:
     def artifact_uri(self, artifact_path: str) -> str:
         return str(self.workdir / artifact_path)
 
+    def log_dataset(self, corpus, context: str = "training") -> None:
+        self.datasets.append(dataset_fields(corpus, context))
+
+    def start_system_metrics(self, interval: float = SYSTEM_METRICS_INTERVAL) -> None:
+        self.system_metrics = interval
+
 
 class MlflowTracker:
     """One MLflow run, used as a context manager.
@@ -110,7 +123,7 @@ class MlflowTracker:
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = get_or_create_experiment(experiment, self.uri, self.client)
-        all_tags = {"mlflow.source.git.commit": git_commit(), "mlflow.source.name": "charlm"}
+        all_tags = source_tags()
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         all_tags.update(tags or {})
@@ -121,6 +134,7 @@ class MlflowTracker:
         self._tmp = tempfile.TemporaryDirectory(prefix="charlm-run-")
         self.workdir = Path(self._tmp.name)
         self.status: str | None = None
+        self._monitor = None
 
     def __enter__(self) -> MlflowTracker:
         return self
@@ -139,6 +153,8 @@ class MlflowTracker:
         if self.status is not None:
             return
         try:
+            if self._monitor is not None:
+                self._monitor.finish()  # its last samples are written before the run ends
             self.flush()
         finally:
             self.client.set_terminated(self.run_id, status=status)
@@ -175,6 +191,46 @@ class MlflowTracker:
         """Where an artifact of this run lives, as a local path when the store is local."""
         uri = f"{self._artifact_uri}/{artifact_path}"
         return uri[len("file://"):] if uri.startswith("file://") else uri
+
+    def start_system_metrics(self, interval: float = SYSTEM_METRICS_INTERVAL) -> None:
+        """MLflow's sampler of CPU, memory, disk and network (``system/*`` metrics) on this run, in
+        a thread, until the run ends."""
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
+        if self._monitor is None:
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, tracking_uri=self.uri)
+            self._monitor.start()
+
+    def log_dataset(self, corpus, context: str = "training") -> None:
+        """The corpus as the run's MLflow dataset input (lineage: which text, read from where)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        d = dataset_fields(corpus, context)
+        entity = Dataset(name=d["name"], digest=d["digest"], source_type="local",
+                         source=json.dumps({"uri": d["source"]}),
+                         profile=json.dumps(d["profile"]))
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+
+
+def dataset_fields(corpus, context: str) -> dict[str, Any]:
+    """What identifies a corpus. MLflow caps a digest at 36 characters: the digest is the head of
+    the sha256, whose full value is in the profile (and in the run's ``data_sha256`` param)."""
+    return {"name": corpus.path.name, "digest": corpus.sha256[:36], "source": Path(corpus.path).resolve().as_uri(),
+            "context": context, "profile": {"sha256": corpus.sha256, "chars": len(corpus.data),
+                                            "vocab_size": len(corpus.vocab)}}
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags: who ran it, from what, at which commit."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        user = str(os.getuid())
+    return {"mlflow.user": user, "mlflow.source.type": "LOCAL", "mlflow.source.name": "charlm",
+            "mlflow.source.git.commit": git_commit()}
 
 
 @contextlib.contextmanager

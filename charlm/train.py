@@ -1,11 +1,8 @@
 """``train(cfg, tracker, on_eval=None) -> RunResult``: one run, from config to tested checkpoint.
 
-``train`` reads as its phases: set up, log the run's parameters, resume if a saved state matches,
-run the loop (charlm/loop.py), evaluate the best weights once in full, log the results. The one
-hook, ``on_eval``, sees every evaluation and may return a :class:`StopReason` (the sweep returns
-``PRUNED``). With ``state_path`` the whole training state is written there atomically at every
-evaluation, and a later call with the same config resumes from it (``make best`` does, for an
-interrupted seed).
+``train`` reads as its phases: set up, log the parameters, resume if a saved state of the same
+config exists (``state_path``), run the loop (charlm/loop.py; ``on_eval`` may stop it with a
+:class:`StopReason`), evaluate the best weights once in full, log the results.
 """
 
 from __future__ import annotations
@@ -28,8 +25,6 @@ from charlm.optim import make_optimizer
 from charlm.plots import loss_curve
 from charlm.stopping import Patience
 from charlm.tracking import Tracker, git_commit
-
-__all__ = ["EvalEvent", "RunResult", "StopReason", "train"]
 
 
 @dataclass
@@ -82,6 +77,9 @@ def log_params(run: Run) -> None:
         "data_file": run.corpus.path.name, "vocab_size": len(run.corpus.vocab), "git_commit": git_commit(),
         "device": run.device, "amp": "bf16" if run.amp else "fp32", "torch_threads": torch.get_num_threads(),
     })
+    tracker.log_dataset(run.corpus)
+    if cfg.train.system_metrics:
+        tracker.start_system_metrics()
     (tracker.workdir / "config.yaml").write_text(dump_yaml(cfg))
     tracker.log_artifact(tracker.workdir / "config.yaml")
 

@@ -1,5 +1,5 @@
-"""Model registry: ``model.kind`` -> class. Every class takes (ModelConfig, vocab_size, context)
-and obeys ``forward(idx, targets=None) -> (logits, loss)``, so nothing else branches on kind."""
+"""Model registry: ``model.kind`` -> class, each a CharModel (models/base.py) built from
+(ModelConfig, vocab_size, context), so nothing else branches on kind."""
 
 from __future__ import annotations
 

@@ -25,6 +25,5 @@ class CharModel(nn.Module):
         """Learn from the training ids in one pass before any step (count models); networks: nothing."""
 
     def calibrate(self, ids: torch.Tensor, **score_kw) -> float | None:
-        """Fit what is fitted on held-out ids after training (a mixture's weight) and return it;
-        None for a model with nothing to fit."""
+        """After training, fit on held-out ids what is fitted there (a mixture's weight); None: nothing."""
         return None

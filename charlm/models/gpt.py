@@ -1,8 +1,4 @@
-"""A small causal transformer in the minGPT/nanoGPT mould: pre-LayerNorm blocks, fused attention.
-
-Contract shared by every model: ``forward(idx, targets=None) -> (logits, loss)`` with ``idx`` of
-shape (B, T), logits (B, T, vocab) where position t depends on ``idx[:, :t+1]`` only.
-"""
+"""A small causal transformer in the minGPT/nanoGPT mould: pre-LayerNorm blocks, fused attention."""
 
 from __future__ import annotations
 
