@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import pytest
-from conftest import PYTHON, ROOT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -25,6 +23,7 @@ from charlm import checkpoint, serving
 from charlm.data import load_corpus
 from charlm.tracking import MlflowTracker
 from charlm.train import train
+from helpers import ROOT, cli, free_port
 
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
 
@@ -96,12 +95,6 @@ def test_registered_model_generates_scores_and_refuses_bad_input(trained):
 # ----------------------------------------------------------------------------- end to end
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, body: dict) -> tuple[int, dict]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -113,8 +106,7 @@ def _post(port: int, body: dict) -> tuple[int, dict]:
 
 
 def _cli(*args, cwd, env):
-    r = subprocess.run([PYTHON, "-m", "charlm", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = cli(*args, cwd=cwd, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -144,7 +136,7 @@ def test_sweep_best_register_then_make_serve_answers(tmp_path):
     r = _cli("best", str(SMOKE), "--seeds", "0", cwd=tmp_path, env=env)
     assert "registered models:/charlm-smoke/2: @champion stays on version 1" in r.stdout
 
-    port = _free_port()
+    port = free_port()
     venv = Path(sys.executable).parent.parent
     # -o: the test runs from an installed environment; never reinstall it from here
     log = open(tmp_path / "serve.log", "w")
