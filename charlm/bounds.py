@@ -48,13 +48,15 @@ class Bound:
         if self.text:
             return self.text
         noun = "an integer" if integer else "a number"
-        low, high = self.limits(flat)
+        low, high = self.low, self.high  # a high_key is worded after the range
         if low is not None and high is not None:
             text = f"{noun} in {'(' if self.low_open else '['}{low:g}, {high:g}{')' if self.high_open else ']'}"
         elif low is not None:
             text = f"{noun} {'>' if self.low_open else '>='} {low:g}"
-        else:
+        elif high is not None:
             text = f"{noun} {'<' if self.high_open else '<='} {high:g}"
+        else:
+            text = noun
         if self.high_key:
             offset = f" + {self.high_offset}" if self.high_offset else ""
             text += f" and at most {self.high_key}{offset} ({flat[self.high_key] + self.high_offset})"
