@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,7 @@ CHOICES = {
 }
 
 
+@functools.cache
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
@@ -222,10 +224,10 @@ def override(cfg: Config, values: Mapping[str, Any], where: str) -> Config:
 def flatten(cfg: Config) -> dict[str, Any]:
     """``{"data.context": 128, ..., "experiment": "charlm"}`` in declaration order."""
     out: dict[str, Any] = {}
-    for name in _fields(Config):
+    for name in _fields(Config):  # getattr, not asdict: sweeps validate thousands of configs
         value = getattr(cfg, name)
         if name in SECTIONS:
-            out.update({f"{name}.{k}": v for k, v in dataclasses.asdict(value).items()})
+            out.update({f"{name}.{k}": getattr(value, k) for k in _fields(SECTIONS[name])})
         else:
             out[name] = value
     return out
