@@ -16,8 +16,8 @@ from charlm import __main__ as cli_main
 from charlm import interrupts
 from helpers import ROOT, cli
 
-N_EXPERIMENTS = 300  # mutations of experiments/*.yaml
-N_SWEEPS = 240  # mutations of sweeps/*.yaml
+N_EXPERIMENTS = 270  # mutations of experiments/*.yaml
+N_SWEEPS = 230  # mutations of sweeps/*.yaml
 POOL = [None, "", "text", "gpt", 0, -1, 1, 3, 2.5, -0.5, 1e30, 10**12, float("inf"), float("nan"), True, False,
         [], [1, "a"], [0.1, 0.2], {}, {"x": 1}, {"choice": []}, {"int": [1]}, {"float": [1.0, 0.1]}, "1e-3",
         "experiments/none.yaml"]
