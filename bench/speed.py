@@ -129,8 +129,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="training steps per timing (default 10)")
     ap.add_argument("--configs", nargs="+", default=["experiments/gpt.yaml", "experiments/ff.yaml"])
     ap.add_argument("--run-steps", type=int, default=300, help="steps of the measured real run (default 300)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key in every config (repeatable), e.g. --set model.n_embd=192")
+    ap.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override config keys in every config, e.g. --set model.n_embd=192 model.n_layer=6")
     args = ap.parse_args()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

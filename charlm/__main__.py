@@ -20,9 +20,17 @@ from charlm.paths import DEFAULT_MODEL
 def cmd_train(args) -> int:
     from charlm import config
     from charlm.data import load_corpus
+    from charlm.models import check_corpus_fit
 
     cfg = config.load(args.experiment, args.set or [])
     corpus = load_corpus(cfg.data)  # fail on data problems before a run is created
+    check_corpus_fit(cfg, len(corpus.vocab))
+    if args.dry_run:
+        sys.stdout.write(config.dump_yaml(cfg))
+        print(f"# data: {corpus.path.name}, {len(corpus.data):,} characters, {len(corpus.vocab)} distinct; "
+              f"splits {len(corpus.train):,}/{len(corpus.val):,}/{len(corpus.test):,}; nothing trained",
+              file=sys.stderr)
+        return 0
     from charlm.train import train
 
     def keep(result) -> str | None:
@@ -64,6 +72,8 @@ def _read_text_arg(path: str) -> str:
     from charlm.data import DataError, read_text
 
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"Text file {path} is a folder; give --text a UTF-8 text file")
     if not p.is_file():
         raise DataError(f"Text file not found: {path}")
     text = read_text(p)
@@ -108,6 +118,7 @@ def cmd_sample(args) -> int:
     from charlm.device import resolve_device
     from charlm.models import generate
 
+    _check_sample_args(args)
     device = resolve_device(args.device)
     ck = checkpoint.load(args.model, device)
     prompt = args.prompt if args.prompt else "\n"
@@ -118,6 +129,18 @@ def cmd_sample(args) -> int:
     out = generate(ck.model, ids[None, :].to(device), args.chars, args.temperature, args.top_k, gen)
     sys.stdout.write(ck.vocab.decode(out[0].tolist()) + "\n")
     return 0
+
+
+def _check_sample_args(args) -> None:
+    import math
+
+    if args.chars < 0:
+        raise CharlmError(f"--chars must be >= 0, got {args.chars}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise CharlmError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise CharlmError(f"--top-k must be an integer >= 1 (leave it out to sample from every character), "
+                          f"got {args.top_k}")
 
 
 def cmd_sweep(args) -> int:
@@ -135,9 +158,12 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_best(args) -> int:
+    from charlm import config
     from charlm.sweepfile import load_sweep
 
     spec = load_sweep(args.sweep, storage=args.storage)
+    for seed in args.seeds or ():  # before the study is opened or a run created
+        config.override(spec.base_config(), {"train.seed": seed}, where="--seeds")
     from charlm.best import run_best
 
     run_best(spec, tuple(args.seeds) if args.seeds else None)
@@ -241,10 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m charlm", description="Character-level language models, tracked in MLflow.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = _command(sub, "train", cmd_train, "train one model from an experiment YAML",
-                 "python -m charlm train experiments/gpt.yaml --set train.max_steps=500 --set model.n_layer=2")
+                 "python -m charlm train experiments/gpt.yaml --set train.max_steps=500 model.n_layer=2",
+                 "python -m charlm train experiments/gpt.yaml --dry-run")
     t.add_argument("experiment", help="experiment YAML, e.g. experiments/gpt.yaml")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set train.lr=1e-3")
+    t.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                   help="override config keys: --set train.lr=1e-3 model.n_layer=2 (the flag may also repeat)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="validate the config and the data, print the resolved config; train nothing")
     t.add_argument("--out", metavar="DIR", help="also save the best checkpoint as DIR/model.pt")
     t.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
     _study_commands(sub)

@@ -86,13 +86,31 @@ def load(path: str | Path, device: str = "cpu") -> Loaded:
         raise CheckpointError(f"Checkpoint {p} is unreadable or corrupt ({type(e).__name__}); re-train or re-download it") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a charlm checkpoint (expected format {FORMAT})")
+    _check_entries(p, blob)
     cfg = from_dict(blob["config"], where=f"checkpoint {p}")
     vocab = CharVocab(list(blob["vocab"]))
     model = build_model(cfg, len(vocab))
     try:
         model.load_state_dict(blob["model"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
+    except (RuntimeError, TypeError, AttributeError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"Checkpoint {p} does not match its own config: {first}") from None
     model.to(device).eval()
     return Loaded(model=model, vocab=vocab, cfg=cfg, meta=dict(blob.get("meta", {})), path=p)
+
+
+_ENTRIES = {"config": (dict, "a mapping of config sections"), "vocab": (list, "a list of characters"),
+            "model": (dict, "a mapping of weights"), "meta": (dict, "a mapping")}
+
+
+def _check_entries(p: Path, blob: dict) -> None:
+    """A file in the right format may still lack an entry (written by hand, or by a bug): say which."""
+    for name, (typ, what) in _ENTRIES.items():
+        if name == "meta" and name not in blob:
+            continue
+        if not isinstance(blob.get(name), typ):
+            got = "missing" if name not in blob else f"a {type(blob[name]).__name__}"
+            raise CheckpointError(f"Checkpoint {p} has no usable '{name}' entry ({what} expected, {got}); "
+                                  "re-train or re-download it")
+    if not all(isinstance(c, str) for c in blob["vocab"]):
+        raise CheckpointError(f"Checkpoint {p} has a 'vocab' entry that is not a list of characters; re-train it")

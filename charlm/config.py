@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from charlm.bounds import BOUNDS, TEXTS
 from charlm.errors import CharlmError
 
 
@@ -91,6 +92,7 @@ CHOICES = {
 }
 
 
+@functools.cache
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
@@ -104,6 +106,12 @@ def all_keys() -> list[str]:
         else:
             keys.append(name)
     return keys
+
+
+def key_type(key: str) -> type:
+    """``int``, ``float``, ``str`` or ``bool``: the type a dotted key holds."""
+    head, _, tail = key.partition(".")
+    return _type_of(_fields(SECTIONS[head])[tail] if tail else _fields(Config)[head])
 
 
 def unknown_key(key: str, where: str, error: type[CharlmError] = ConfigError) -> CharlmError:
@@ -189,42 +197,21 @@ def _check(cond: bool, key: str, where: Mapping[str, str], expected: str, value:
 
 
 def validate(cfg: Config, where: Mapping[str, str] | None = None) -> None:
-    """Range and consistency checks that types alone cannot express."""
+    """Range and consistency checks that types alone cannot express (ranges: charlm/bounds.py)."""
     w = where or {}
     flat = flatten(cfg)
     for key, choices in CHOICES.items():
         _check(flat[key] in choices, key, w, "one of " + " | ".join(choices), flat[key])
-    positive = [
-        "data.context", "model.n_embd", "model.n_layer", "model.n_head", "model.hidden",
-        "model.layers", "train.batch_size", "train.max_steps", "train.validation_interval",
-        "train.eval_batch_size",
-    ]
-    for key in positive:
-        _check(flat[key] >= 1, key, w, "an integer >= 1", flat[key])
-    for key in ["train.warmup_steps", "train.patience", "train.eval_chars", "train.eval_stride",
-                "train.threads", "train.seed", "train.sample_chars", "model.mix_order"]:
-        _check(flat[key] >= 0, key, w, "an integer >= 0", flat[key])
-    for key in ["train.lr"]:
-        _check(flat[key] > 0 and math.isfinite(flat[key]), key, w, "a number > 0", flat[key])
-    for key in ["train.weight_decay", "train.grad_clip", "train.max_minutes"]:
-        _check(flat[key] >= 0 and math.isfinite(flat[key]), key, w, "a number >= 0", flat[key])
-    for key in ["model.dropout", "train.min_relative_improvement"]:
-        _check(0 <= flat[key] < 1, key, w, "a number in [0, 1)", flat[key])
-    for key in ["train.beta1", "train.beta2", "train.min_lr_ratio"]:
-        _check(0 <= flat[key] <= 1, key, w, "a number in [0, 1]", flat[key])
-    for key in ["data.val_fraction", "data.test_fraction"]:
-        _check(0 < flat[key] < 0.5, key, w, "a fraction in (0, 0.5)", flat[key])
+    for key, bound in BOUNDS.items():
+        _check(bound.admits(flat[key], flat), key, w, bound.describe(is_int(flat[key]), flat), flat[key])
+    _check(bool(cfg.experiment.strip()), "experiment", w, TEXTS["experiment"], cfg.experiment)
     _check(
         cfg.model.n_embd % cfg.model.n_head == 0, "model.n_head", w,
         f"a divisor of model.n_embd ({cfg.model.n_embd})", cfg.model.n_head,
     )
     _check(
-        cfg.model.mix_order <= 10 and not (cfg.model.mix_order and cfg.model.kind == "ngram"), "model.mix_order", w,
-        "0 (off) or an n-gram order up to 10 on a neural model.kind", cfg.model.mix_order,
-    )
-    _check(
-        cfg.train.eval_stride <= cfg.data.context, "train.eval_stride", w,
-        f"at most data.context ({cfg.data.context})", cfg.train.eval_stride,
+        not (cfg.model.mix_order and cfg.model.kind == "ngram"), "model.mix_order", w,
+        "0 (off) when model.kind is ngram (a mixture needs a neural model)", cfg.model.mix_order,
     )
 
 
@@ -238,10 +225,10 @@ def override(cfg: Config, values: Mapping[str, Any], where: str) -> Config:
 def flatten(cfg: Config) -> dict[str, Any]:
     """``{"data.context": 128, ..., "experiment": "charlm"}`` in declaration order."""
     out: dict[str, Any] = {}
-    for name in _fields(Config):
+    for name in _fields(Config):  # getattr, not asdict: sweeps validate thousands of configs
         value = getattr(cfg, name)
         if name in SECTIONS:
-            out.update({f"{name}.{k}": v for k, v in dataclasses.asdict(value).items()})
+            out.update({f"{name}.{k}": getattr(value, k) for k in _fields(SECTIONS[name])})
         else:
             out[name] = value
     return out

@@ -41,6 +41,8 @@ def resolve_corpus(path: str = "") -> Path:
     """
     if path:
         p = Path(path).expanduser()
+        if p.is_dir():
+            raise DataError(f"Data file {path} is a folder; set data.path to a UTF-8 text file in it")
         if not p.is_file():
             raise DataError(f"Data file not found: {path} (set data.path to an existing UTF-8 text file)")
         return p
@@ -96,12 +98,19 @@ def download(url: str, dest: Path, sha256: str) -> Path:
 
 
 def read_text(path: Path) -> str:
+    """A UTF-8 text file's contents; a folder, a binary file or bytes that are not UTF-8 are refused."""
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give a UTF-8 text file")
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
     except OSError as e:
         raise DataError(f"Cannot read {path}: {e.strerror}") from None
+    nul = text.find("\x00")
+    if nul >= 0:  # valid UTF-8, but no text has NUL characters: an archive, an image, a checkpoint
+        raise DataError(f"{path} looks binary (a NUL character at offset {nul}); give a UTF-8 text file")
+    return text
 
 
 class CharVocab:

@@ -135,6 +135,9 @@ class Loop:
         # Worse than twice a uniform guess is no longer training (lr=10 lands near 10 nats, not at NaN)
         self.diverged_above = 2 * math.log(len(run.corpus.vocab))
 
+    def diverged(self, val_loss: float) -> bool:
+        return not math.isfinite(val_loss) or val_loss > self.diverged_above
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
@@ -198,7 +201,7 @@ class Loop:
                   f"(best {best:.4f}) {tokens_per_sec / 1000:.1f}k tok/s", loss=f"{train_loss:.4f}",
                   val=f"{val_loss:.4f}", best=f"{best:.4f}", tok_s=f"{tokens_per_sec / 1000:.1f}k")
         self.window = (time.perf_counter(), 0)
-        if not math.isfinite(val_loss) or val_loss > self.diverged_above:
+        if self.diverged(val_loss):
             return StopReason.DIVERGED
         if self.on_eval is not None:
             reason = self.on_eval(EvalEvent(state.step, val_loss, train_loss, best, lr, tokens_per_sec,
@@ -217,7 +220,10 @@ class Loop:
         t = run.cfg.train
         val = run.score(run.corpus.val[: t.eval_chars] if t.eval_chars else run.corpus.val, run.amp)
         state.eval_seconds += time.perf_counter() - te
-        fired = state.stop.update(state.step, val.loss)
+        if self.diverged(val.loss):  # never the best: a trial keeps the weights from before it diverged
+            fired = False
+        else:
+            fired = state.stop.update(state.step, val.loss)
         if state.stop.best_step == state.step:
             state.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
             run.save_checkpoint({"step": state.step, "slice_val_loss": val.loss})

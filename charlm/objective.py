@@ -31,10 +31,12 @@ def corpus_for(cfg: config.Config) -> Corpus:
 
 
 def trial_state(result: RunResult) -> TrialState:
-    """How a training's stop reason ends its Optuna trial."""
+    """How a training's stop reason ends its Optuna trial. A run that diverged after a good
+    evaluation holds valid restored weights and a finite full-pass value: COMPLETE with that value
+    (its run keeps ``stop_reason=diverged``); one that diverged before any good evaluation: FAIL."""
     if result.stop_reason is StopReason.PRUNED:
         return TrialState.PRUNED
-    if result.stop_reason is StopReason.DIVERGED or not math.isfinite(result.best_val_loss):
+    if not math.isfinite(result.best_val_loss):
         return TrialState.FAIL
     return TrialState.COMPLETE
 

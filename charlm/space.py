@@ -90,6 +90,11 @@ def _param(path: str, key: str, raw: Any, when=None) -> Param:
     if len(kinds) != 1:
         raise fail(path, where, "exactly one of choice, int or float", raw)
     kind = kinds[0]
+    typ = config.key_type(key)
+    if kind != "choice" and typ not in (int, float):
+        raise fail(path, where, f"a choice: {key} holds a {typ.__name__}, not a number", raw)
+    if kind == "float" and typ is int:  # Optuna would propose 2.5 and every trial would fail
+        raise fail(path, where, f"an int range (or a choice): {key} is an integer key", raw)
     if kind == "choice":
         choices = raw["choice"]
         if not isinstance(choices, list) or not choices:
@@ -242,8 +247,10 @@ def _candidates(active: list[Param], base: config.Config, key: str) -> list:
 
 
 def _try(spec: SweepSpec, base: config.Config, values: dict, key: str) -> None:
+    """The corner's trial config, and the retrain's (``best.set`` on top of it), must both validate."""
     try:
-        config.override(base, values, where=f"{spec.path} (space.{key})")
+        cfg = config.override(base, values, where=f"{spec.path} (space.{key})")
+        config.override(cfg, spec.best.set, where=f"{spec.path} (best.set, with space {key}={values[key]!r})")
     except ConfigError as e:
         raise SweepError(str(e)) from None
 

@@ -183,8 +183,44 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
         _grid_ready(path, space)
     spec = SweepSpec(path=path, study=study, sampler=sampler, pruner=pruner, base=base,
                      fixed=dict(fixed), space=space, best=best, baseline=baseline)
+    _split_stays(spec)
     check_corners(spec)
     return spec
+
+
+SPLIT_KEYS = ("data.path", "data.test_fraction")  # what decides the test split
+
+
+def _split_stays(spec: SweepSpec) -> None:
+    """The base experiment's data section fixes the test split: trials, the retrain and the
+    baseline are all tested on it, or their figures could not be compared. The val split is the
+    sweep's objective, so trials share it too (``fixed`` and ``best.set`` may change its size)."""
+    path = spec.path
+    try:
+        data = (config.load(spec.base) if spec.base else config.Config()).data
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
+    for p in spec.space:
+        if p.key in SPLIT_KEYS:
+            raise SweepError(f"'{p.key}' in {path} (space) would move the test split between trials; the base "
+                             "experiment's data section fixes it: remove it from the space")
+        if p.key == "data.val_fraction":
+            raise SweepError(f"'data.val_fraction' in {path} (space) would score each trial on another val "
+                             "split, so their values could not be compared: set it in fixed instead")
+    for where, values in (("fixed", spec.fixed), ("best.set", spec.best.set)):
+        for key in SPLIT_KEYS:
+            base_value = getattr(data, key.split(".")[1])
+            if key in values and values[key] != base_value:
+                raise SweepError(f"'{key}' in {path} ({where}) would move the test split ({key}: "
+                                 f"{base_value!r} in the base experiment); change it there, or remove it here")
+    if spec.baseline:
+        other = config.load(spec.baseline).data
+        for key in SPLIT_KEYS:
+            name = key.split(".")[1]
+            if getattr(other, name) != getattr(data, name):
+                raise SweepError(f"Baseline experiment {spec.baseline} named in {path} is tested on another split "
+                                 f"({key}: {getattr(other, name)!r}, the base experiment {getattr(data, name)!r}); "
+                                 "give it the base experiment's value")
 
 
 def _study(path: str, doc: dict, n_trials: int | None, storage: str | None) -> StudySpec:
@@ -203,6 +239,9 @@ def _study(path: str, doc: dict, n_trials: int | None, storage: str | None) -> S
             raise SweepError("--storage holds a password, which the process list and shell history would show; "
                              "put it in PGPASSWORD or a .pgpass file (PGPASSFILE) and pass postgresql://user@host/db")
         study = dataclasses.replace(study, storage=storage)
+    if study.direction != "minimize":  # every metric there is is a loss
+        raise fail(path, "study.direction", f"minimize for study.metric {study.metric} (a loss: lower is better)",
+                   study.direction)
     if study.n_trials < 1:
         raise fail(path, "study.n_trials", "an integer >= 1", study.n_trials)
     if study.timeout_min < 0:

@@ -196,3 +196,34 @@ def test_interrupted_run_resumes_from_its_saved_state_to_the_same_result(tiny_cf
     tracker = NullTracker()
     train(other, tracker, state_path=state)
     assert "resumed_from_step" not in tracker.tags
+
+
+def test_ctrl_c_after_a_resume_before_any_new_best_ends_killed_with_the_restored_best(tiny_cfg, tmp_path,
+                                                                                       mlflow_uri, monkeypatch):
+    """`make best` resumes a seed, and Ctrl-C comes before its first new evaluation: the checkpoint
+    of this run does not exist yet, so the restored best weights are written and logged; the run
+    ends KILLED (not FAILED with a traceback)."""
+    from charlm import loop
+
+    state = tmp_path / "state.pt"
+
+    def interrupt(event):
+        if event.step == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg, NullTracker(), on_eval=interrupt, state_path=state, progress=False)
+
+    def ctrl_c(self, lr):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Loop, "step", ctrl_c)  # the first step after resuming is interrupted
+    with pytest.raises(KeyboardInterrupt), MlflowTracker(tiny_cfg.experiment, "resumed") as tracker:
+        train(tiny_cfg, tracker, state_path=state, progress=False)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "interrupted"
+    assert run.data.tags["resumed_from_step"] == "20"
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "model")] == ["model/model.pt"]
+    kept = checkpoint.load(client.download_artifacts(tracker.run_id, "model/model.pt"))
+    assert kept.meta["step"] in (10, 20) and state.is_file()  # the state stays for the next resume

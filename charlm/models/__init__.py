@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from charlm.config import Config
+from charlm.config import Config, ConfigError
 from charlm.models.ff import FeedForward
 from charlm.models.gpt import GPT
 from charlm.models.mixture import Mixture
@@ -20,6 +20,18 @@ def build_model(cfg: Config, vocab_size: int) -> nn.Module:
     if cfg.model.mix_order:  # the n-gram reads mix_order - 1 characters of history
         return Mixture(model, NGram(cfg.model, vocab_size, cfg.model.mix_order - 1))
     return model
+
+
+def check_corpus_fit(cfg: Config, vocab_size: int) -> None:
+    """Refuse, before any run starts, an n-gram whose ids overflow 64 bits over this alphabet."""
+    orders = [("data.context", cfg.data.context + 1, 1)] if cfg.model.kind == "ngram" else []
+    if cfg.model.mix_order:
+        orders.append(("model.mix_order", cfg.model.mix_order, 0))
+    for key, order, offset in orders:
+        if vocab_size ** order >= 2**63:
+            top = next(k for k in range(order, 0, -1) if vocab_size ** k < 2**63)
+            raise ConfigError(f"Config key '{key}' gives an n-gram of order {order} over the corpus's "
+                              f"{vocab_size} characters, whose ids overflow 64 bits; expected {key} <= {top - offset}")
 
 
 def count_params(model: nn.Module) -> int:
