@@ -427,12 +427,18 @@ def test_two_sweeps_started_at_once_share_one_study(tmp_path):
     assert len([x for x in runs if x.data.tags.get("mlflow.parentRunId")]) == 6
 
 
-def _smoke_variant(tmp_path, name, n_trials, space, fixed=(), drop=(), **sections):
-    """sweeps/smoke.yaml with another study name, space and sections, written to tmp_path."""
+def _smoke_variant(tmp_path, name, n_trials, space, fixed=(), drop=(), data=None, **sections):
+    """sweeps/smoke.yaml with another study name, space and sections, written to tmp_path; ``data``
+    goes into the base experiment (a sweep may not move the test split itself)."""
     doc = yaml.safe_load(SMOKE.read_text())
     doc.pop("baseline", None)
     doc["study"] = {"name": name, "n_trials": n_trials}
     doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    if data:
+        base = yaml.safe_load((ROOT / "experiments" / "gpt.yaml").read_text())
+        base["data"] = {**base.get("data", {}), **data}
+        doc["base"] = str(tmp_path / f"{name}-base.yaml")
+        (tmp_path / f"{name}-base.yaml").write_text(yaml.safe_dump(base))
     doc["fixed"].update(dict(fixed))
     for key in drop:
         doc["fixed"].pop(key)
@@ -515,7 +521,7 @@ def test_sigkill_one_of_two_workers(tmp_path):
 def test_an_exception_in_one_trial_does_not_stop_the_sweep(tmp_path, tiny_text):
     # 40k characters of context: more than the text holds, so that trial raises inside train()
     f = _smoke_variant(tmp_path, "broken", 2, {"data.context": {"choice": [16, 40000]}},
-                       fixed={"data.path": str(tiny_text)}, drop=["data.context"], sampler={"type": "grid"})
+                       data={"path": str(tiny_text)}, drop=["data.context"], sampler={"type": "grid"})
     r = cli("sweep", str(f), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     study = journal_study(tmp_path, "broken")
