@@ -1,13 +1,8 @@
-"""A study, explained: plots for its parent run and a Markdown report.
-
-``study_plots`` draws the optimisation history, parameter importances, intermediate values (pruned
-trials end early, visibly) and quality against training time for every trial. ``write_report``
-puts them beside ``report.md`` under ``mlruns/reports/<study>/``: counts by state, the top trials
-with their parameters, stop reasons and steps, the compute early stopping and pruning saved, and the
-best model's test figures when ``make best`` has run. The sweep logs both to its parent run when it
-ends; ``python -m charlm report SWEEP.yaml`` (``make report``) rebuilds them at any time. While it
-runs, ``refresh_summary`` keeps counts, the best trial and (every 30 s) the plots on the parent run,
-and ``SweepProgress`` shows the sweep's progress line.
+"""A study, explained, on its parent run: counts and the best trial after every trial
+(``refresh_summary``), the progress line (``SweepProgress``), plots (``study_plots``: history,
+importances, intermediate values, quality vs time) and ``report.md`` under
+``mlruns/reports/<study>/`` (counts, top trials, compute saved, the best model's test figures),
+rebuilt at any time by ``python -m charlm report SWEEP.yaml``.
 """
 
 from __future__ import annotations

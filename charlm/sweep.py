@@ -1,9 +1,8 @@
 """Sweep YAML -> Optuna study; one MLflow child run per trial under one parent run per study.
 
-``run`` prepares the study and its parent run once, then runs trials in this process or in
-``--workers`` child processes (charlm/workers.py), each trial a child run (charlm/objective.py).
-The study's storage lives in charlm/storage.py, its sampler and pruner in charlm/search.py, and
-what the parent run shows in charlm/summary.py and charlm/report.py.
+``run`` prepares the study (charlm/storage.py) and its parent run once, then runs trials here or
+in ``--workers`` child processes (charlm/workers.py), each a child run (charlm/objective.py); the
+parent run's summary and report come from charlm/report.py.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
-"""Sweep YAML -> a validated :class:`SweepSpec`. The shipped files in ``sweeps/`` show every
-section; ``smoke.yaml`` is the shortest::
-
-    study:   {name: smoke, n_trials: 8, storage: null}   # storage: any Optuna URL; null = a journal
-    sampler: {type: tpe, seed: 0, n_startup_trials: 4}
-    pruner:  {type: patience, reference: median, min_trials: 2}
-    base: experiments/gpt.yaml      # the experiment every trial starts from; `fixed:` overrides it
-    space: {model.kind: {choice: [ff, gpt]}, when: {"model.kind == gpt": {model.n_layer: {int: [1, 4]}}}}
-    best: {budget_multiplier: 3, seeds: [0, 1, 2]}
-    baseline: experiments/ngram.yaml  # logged once beside the trials: the floor to beat
-
-Every mistake is a :class:`SweepError` naming the file, the key and what was expected, raised
-before any trial starts.
+"""Sweep YAML -> a validated :class:`SweepSpec` (sections: study, sampler, pruner, base, fixed,
+space, best, baseline; ``sweeps/smoke.yaml`` is the shortest example, README "Sweeps" explains
+each). Every mistake is a :class:`SweepError` naming the file, the key and what was expected,
+raised before any trial starts.
 """
 
 from __future__ import annotations

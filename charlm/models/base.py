@@ -14,12 +14,8 @@ class CharModel(nn.Module):
     context: int  # characters of history a prediction may read
     max_len: int | None  # longest input sequence; None = any
 
-    def eval_plan(self, stride: int) -> tuple[int, int]:
-        """``(window, step)`` for the full-pass evaluation (charlm/evaluate.py)."""
-        raise NotImplementedError
-
-    def flops_per_token(self, seq_len: int) -> float:
-        raise NotImplementedError
+    def eval_plan(self, stride: int) -> tuple[int, int]: ...  # (window, step) of the full pass (evaluate.py)
+    def flops_per_token(self, seq_len: int) -> float: ...  # for bench/speed.py's FLOP/s
 
     def fit(self, ids: torch.Tensor) -> None:
         """Learn from the training ids in one pass before any step (count models); networks: nothing."""
