@@ -7,6 +7,7 @@ Ctrl-C and SIGTERM deferred (see charlm/interrupts.py).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,17 +59,30 @@ def open_storage(url: str):
 
 
 class _GuardedOpenLock(optuna.storages.journal.JournalFileOpenLock):
-    """Optuna's lock file, held with Ctrl-C and SIGTERM deferred (see charlm/interrupts.py)."""
+    """Optuna's lock file, held with Ctrl-C and SIGTERM deferred (see charlm/interrupts.py).
+
+    Optuna breaks a stale lock file by calling ``release()`` from inside ``acquire()``: that
+    release ends no section of ours, so it leaves the deferral alone."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._local = threading.local()  # the heartbeat thread shares this lock object
 
     def acquire(self) -> bool:
         interrupts.enter()
+        self._local.acquiring = True
         try:
             return super().acquire()
         except BaseException:
             interrupts.leave()
             raise
+        finally:
+            self._local.acquiring = False
 
     def release(self) -> None:
+        if getattr(self._local, "acquiring", False):
+            super().release()
+            return
         try:
             super().release()
         finally:
