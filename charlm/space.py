@@ -57,7 +57,7 @@ class StudySpec:
 @dataclass(frozen=True)
 class SamplerSpec:
     type: str = "tpe"  # tpe | random | grid
-    seed: int = 0  # worker k uses seed + k, so parallel workers do not propose the same points
+    seed: int = 0  # trial k draws from seed hash(seed, k): reproducible alone, distinct across workers and resumes
     n_startup_trials: int = 8  # tpe: random trials before the model takes over
 
 

@@ -96,10 +96,10 @@ def lock_path(spec: SweepSpec, url: str) -> Path:
     return paths.sweep_lock(spec.study.name)
 
 
-def open_study(spec: SweepSpec, storage_url: str, worker: int = 0, create: bool = False) -> optuna.Study:
+def open_study(spec: SweepSpec, storage_url: str, create: bool = False) -> optuna.Study:
     base = spec.base_config()
     storage = open_storage(storage_url)
-    kw = dict(study_name=spec.study.name, storage=storage, sampler=make_sampler(spec, worker),
+    kw = dict(study_name=spec.study.name, storage=storage, sampler=make_sampler(spec),
               pruner=make_pruner(spec, base.train.max_steps, base.train.validation_interval))
     if create:
         return optuna.create_study(direction=spec.study.direction, load_if_exists=True, **kw)

@@ -70,7 +70,7 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> i
     url = storage_url(spec)
     deadline = time.time() + spec.study.timeout_min * 60 if spec.study.timeout_min else None
     if worker_index is not None:  # a child started by the coordinator below
-        study = open_study(spec, url, worker=worker_index)
+        study = open_study(spec, url)
         threads_for(workers)
         worker_loop(Session(spec, url, study, study.user_attrs["mlflow_parent_run_id"], worker_index), deadline)
         return 0
