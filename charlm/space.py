@@ -52,6 +52,7 @@ class StudySpec:
     n_trials: int = 20  # total over every run of the sweep (resume continues to this)
     timeout_min: float = 0.0  # stop starting trials after this many minutes of one call; 0 = none
     storage: str = ""  # any Optuna storage URL; empty = journal file mlruns/optuna/<name>.journal
+    heartbeat_timeout_s: float = 60.0  # a running trial whose heartbeat stops this long is failed and re-queued
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,8 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
         raise _fail(path, "study.n_trials", "an integer >= 1", study.n_trials)
     if study.timeout_min < 0:
         raise _fail(path, "study.timeout_min", "a number >= 0", study.timeout_min)
+    if study.heartbeat_timeout_s <= 0:
+        raise _fail(path, "study.heartbeat_timeout_s", "a number > 0", study.heartbeat_timeout_s)
     sampler = _section(path, "sampler", doc.get("sampler"), SamplerSpec)
     pruner = _section(path, "pruner", doc.get("pruner"), PrunerSpec)
     if not 0 <= pruner.percentile <= 100:

@@ -3,12 +3,17 @@
 Any Optuna RDB URL (``sqlite:///``, ``postgresql://``, ``mysql://``) or ``journal:PATH`` for a
 journal file (the default, under ``mlruns/optuna/``). The journal's own lock file is held with
 Ctrl-C and SIGTERM deferred (see charlm/interrupts.py).
+
+``study_lock`` serialises count-and-ask among every worker that shares the storage: a
+PostgreSQL advisory lock (every host sees it), or a lock file beside a journal or SQLite file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -17,6 +22,7 @@ from charlm import interrupts, paths
 from charlm.errors import CharlmError
 from charlm.search import make_pruner, make_sampler
 from charlm.space import SweepSpec
+from charlm.tracking import file_lock
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -30,6 +36,7 @@ class Session:
     study: optuna.Study
     parent_run_id: str
     worker: int = 0
+    beats: dict = field(default_factory=dict)  # trial id -> (heartbeat seen, this process's monotonic time)
 
 
 def storage_url(spec: SweepSpec) -> str:
@@ -90,10 +97,40 @@ class _GuardedOpenLock(optuna.storages.journal.JournalFileOpenLock):
 
 
 def lock_path(spec: SweepSpec, url: str) -> Path:
+    """The lock file beside a journal or SQLite file (every process that opens it sees it); for
+    another RDB without a lock of its own, a file in this machine's mlruns/."""
     journal = paths.journal_path(url)
     if journal is not None:
         return Path(f"{journal}.charlm-lock")  # not ".lock": Optuna's own journal lock uses that
+    db = paths.sqlite_path(url)
+    if db is not None:
+        return Path(f"{db}.charlm-lock")
     return paths.sweep_lock(spec.study.name)
+
+
+_ENGINES: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def study_lock(spec: SweepSpec, url: str):
+    """Held around count-and-ask (and the study's creation) by every worker of the study."""
+    if not url.startswith(("postgresql:", "postgresql+", "postgres:")):
+        with file_lock(lock_path(spec, url)):
+            yield
+        return
+    from sqlalchemy import create_engine, text
+
+    if url not in _ENGINES:
+        _ENGINES[url] = create_engine(url, pool_pre_ping=True, pool_size=1)
+    key = int.from_bytes(hashlib.sha256(f"charlm-study:{spec.study.name}".encode()).digest()[:8], "big", signed=True)
+    try:
+        conn = _ENGINES[url].connect()
+    except Exception as e:  # server down, bad credentials: one line, password redacted
+        raise CharlmError(f"Cannot lock study '{spec.study.name}' in {paths.redact(url)}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}") from None
+    with conn, conn.begin():  # a transaction-level lock: it ends with the transaction or the connection
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        yield
 
 
 def open_study(spec: SweepSpec, storage_url: str, create: bool = False) -> optuna.Study:
