@@ -46,10 +46,11 @@ def enter() -> None:
 
 
 def leave() -> None:
+    """The end of a guarded section; one without a matching ``enter`` is harmless."""
     global _depth, _pending
     if not _main():
         return
-    _depth -= 1
+    _depth = max(0, _depth - 1)
     if _depth == 0 and _pending is not None:
         signum, _pending = _pending, None
         _raise(signum)

@@ -26,7 +26,8 @@ def default_storage(study: str) -> str:
 
 
 def sweep_lock(study: str) -> Path:
-    """The lock file a machine's workers take around count-and-ask for an RDB storage."""
+    """The lock file this machine's workers take around count-and-ask for an RDB server without a
+    lock of its own (not PostgreSQL): n_trials is then exact per machine only."""
     return MLRUNS / f".sweep-{study}.lock"
 
 

@@ -6,6 +6,7 @@ taken from other trials at the same step.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import numpy as np
@@ -17,16 +18,60 @@ from charlm.stopping import Patience
 from charlm.sweepfile import SweepSpec
 
 
-def make_sampler(spec: SweepSpec, worker: int = 0) -> optuna.samplers.BaseSampler:
-    seed = spec.sampler.seed + worker
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # multivariate/group TPE are flagged experimental
-        if spec.sampler.type == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if spec.sampler.type == "grid":
-            return optuna.samplers.GridSampler(grid_space(spec), seed=spec.sampler.seed)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
-                                          multivariate=True, group=True, constant_liar=True)
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of trial ``number``'s draws: a hash of the sweep's seed and the trial number."""
+    digest = hashlib.sha256(f"charlm-sampler:{seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class PerTrialSeedSampler(optuna.samplers.BaseSampler):
+    """A sampler whose random stream is reseeded for every trial from (seed, trial number).
+
+    Trial numbers are unique within a study and handed out by its storage, so no two trials draw
+    from the same stream: not two processes on two hosts started at once (both would otherwise be
+    "worker 0" with the same seed), not a resumed study (which would otherwise replay the first
+    call's stream). A study run from a fresh storage by one worker draws the same parameters for
+    the same seed every time. TPE still learns from every finished trial; only its draws are seeded.
+    """
+
+    def __init__(self, seed: int, factory):
+        self._seed, self._factory = seed, factory
+        self._inner = factory(trial_seed(seed, -1))
+
+    def before_trial(self, study, trial) -> None:
+        self._inner = self._factory(trial_seed(self._seed, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
+def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    s = spec.sampler
+    if s.type == "grid":  # no random stream: each worker takes a grid point no trial has taken
+        return optuna.samplers.GridSampler(grid_space(spec), seed=s.seed)
+
+    def factory(seed: int) -> optuna.samplers.BaseSampler:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # multivariate/group TPE are flagged experimental
+            if s.type == "random":
+                return optuna.samplers.RandomSampler(seed=seed)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials,
+                                              multivariate=True, group=True, constant_liar=True)
+
+    return PerTrialSeedSampler(s.seed, factory)
 
 
 def reference_value(values: list[float], how: str, percentile: float, direction: str) -> float:

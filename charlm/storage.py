@@ -3,11 +3,17 @@
 Any Optuna RDB URL (``sqlite:///``, ``postgresql://``, ``mysql://``) or ``journal:PATH`` for a
 journal file (the default, under ``mlruns/optuna/``). The journal's own lock file is held with
 Ctrl-C and SIGTERM deferred (see charlm/interrupts.py).
+
+``study_lock`` serialises count-and-ask among every worker that shares the storage: a
+PostgreSQL advisory lock (every host sees it), or a lock file beside a journal or SQLite file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import hashlib
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -16,6 +22,7 @@ from charlm import interrupts, paths
 from charlm.errors import CharlmError
 from charlm.search import make_pruner, make_sampler
 from charlm.sweepfile import SweepSpec
+from charlm.tracking import file_lock
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -29,6 +36,7 @@ class Session:
     study: optuna.Study
     parent_run_id: str
     worker: int = 0
+    beats: dict = field(default_factory=dict)  # trial id -> (heartbeat seen, this process's monotonic time)
 
 
 def storage_url(spec: SweepSpec) -> str:
@@ -58,17 +66,30 @@ def open_storage(url: str):
 
 
 class _GuardedOpenLock(optuna.storages.journal.JournalFileOpenLock):
-    """Optuna's lock file, held with Ctrl-C and SIGTERM deferred (see charlm/interrupts.py)."""
+    """Optuna's lock file, held with Ctrl-C and SIGTERM deferred (see charlm/interrupts.py).
+
+    Optuna breaks a stale lock file by calling ``release()`` from inside ``acquire()``: that
+    release ends no section of ours, so it leaves the deferral alone."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._local = threading.local()  # the heartbeat thread shares this lock object
 
     def acquire(self) -> bool:
         interrupts.enter()
+        self._local.acquiring = True
         try:
             return super().acquire()
         except BaseException:
             interrupts.leave()
             raise
+        finally:
+            self._local.acquiring = False
 
     def release(self) -> None:
+        if getattr(self._local, "acquiring", False):
+            super().release()
+            return
         try:
             super().release()
         finally:
@@ -76,16 +97,46 @@ class _GuardedOpenLock(optuna.storages.journal.JournalFileOpenLock):
 
 
 def lock_path(spec: SweepSpec, url: str) -> Path:
+    """The lock file beside a journal or SQLite file (every process that opens it sees it); for
+    another RDB without a lock of its own, a file in this machine's mlruns/."""
     journal = paths.journal_path(url)
     if journal is not None:
         return Path(f"{journal}.charlm-lock")  # not ".lock": Optuna's own journal lock uses that
+    db = paths.sqlite_path(url)
+    if db is not None:
+        return Path(f"{db}.charlm-lock")
     return paths.sweep_lock(spec.study.name)
 
 
-def open_study(spec: SweepSpec, storage_url: str, worker: int = 0, create: bool = False) -> optuna.Study:
+_ENGINES: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def study_lock(spec: SweepSpec, url: str):
+    """Held around count-and-ask (and the study's creation) by every worker of the study."""
+    if not url.startswith(("postgresql:", "postgresql+", "postgres:")):
+        with file_lock(lock_path(spec, url)):
+            yield
+        return
+    from sqlalchemy import create_engine, text
+
+    if url not in _ENGINES:
+        _ENGINES[url] = create_engine(url, pool_pre_ping=True, pool_size=1)
+    key = int.from_bytes(hashlib.sha256(f"charlm-study:{spec.study.name}".encode()).digest()[:8], "big", signed=True)
+    try:
+        conn = _ENGINES[url].connect()
+    except Exception as e:  # server down, bad credentials: one line, password redacted
+        raise CharlmError(f"Cannot lock study '{spec.study.name}' in {paths.redact(url)}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}") from None
+    with conn, conn.begin():  # a transaction-level lock: it ends with the transaction or the connection
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        yield
+
+
+def open_study(spec: SweepSpec, storage_url: str, create: bool = False) -> optuna.Study:
     base = spec.base_config()
     storage = open_storage(storage_url)
-    kw = dict(study_name=spec.study.name, storage=storage, sampler=make_sampler(spec, worker),
+    kw = dict(study_name=spec.study.name, storage=storage, sampler=make_sampler(spec),
               pruner=make_pruner(spec, base.train.max_steps, base.train.validation_interval))
     if create:
         return optuna.create_study(direction=spec.study.direction, load_if_exists=True, **kw)

@@ -19,16 +19,16 @@ from charlm.errors import CharlmError
 from charlm.objective import log_baseline
 from charlm.report import SweepProgress, counted, fmt, log_report, refresh_summary, target_trials, trials_table
 from charlm.space import suggest
-from charlm.storage import Session, lock_path, open_study, storage_url
+from charlm.storage import Session, open_study, storage_url, study_lock
 from charlm.sweepfile import SweepSpec
-from charlm.tracking import file_lock, get_or_create_experiment, git_commit, tracking_uri
+from charlm.tracking import get_or_create_experiment, git_commit, tracking_uri
 from charlm.workers import spawn, threads_for, worker_loop
 
 
 def prepare(spec: SweepSpec, url: str) -> Session:
     """Create (or find) the MLflow experiment, the study and its parent run, once, before any
-    worker; under the sweep's lock, so two `make sweep` started at once share one of each."""
-    with file_lock(lock_path(spec, url)):
+    worker; under the study's lock, so two `make sweep` started at once share one of each."""
+    with study_lock(spec, url):
         exp_id = get_or_create_experiment(spec.study.name, tracking_uri())  # a deleted one: refused first
         study = open_study(spec, url, create=True)
         if study.direction.name.lower() != spec.study.direction:
@@ -69,7 +69,7 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> i
     url = storage_url(spec)
     deadline = time.time() + spec.study.timeout_min * 60 if spec.study.timeout_min else None
     if worker_index is not None:  # a child started by the coordinator below
-        study = open_study(spec, url, worker=worker_index)
+        study = open_study(spec, url)
         threads_for(workers)
         worker_loop(Session(spec, url, study, study.user_attrs["mlflow_parent_run_id"], worker_index), deadline)
         return 0

@@ -29,12 +29,13 @@ class StudySpec:
     n_trials: int = 20  # total over every run of the sweep (resume continues to this)
     timeout_min: float = 0.0  # stop starting trials after this many minutes of one call; 0 = none
     storage: str = ""  # any Optuna storage URL; empty = journal file mlruns/optuna/<name>.journal
+    heartbeat_timeout_s: float = 60.0  # a running trial whose heartbeat stops this long is failed and re-queued
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
     type: str = "tpe"  # tpe | random | grid
-    seed: int = 0  # worker k uses seed + k, so parallel workers do not propose the same points
+    seed: int = 0  # trial k draws from seed hash(seed, k): reproducible alone, distinct across workers and resumes
     n_startup_trials: int = 8  # tpe: random trials before the model takes over
 
 
@@ -237,6 +238,8 @@ def _study(path: str, doc: dict, n_trials: int | None, storage: str | None) -> S
         raise fail(path, "study.n_trials", "an integer >= 1", study.n_trials)
     if study.timeout_min < 0:
         raise fail(path, "study.timeout_min", "a number >= 0", study.timeout_min)
+    if study.heartbeat_timeout_s <= 0:
+        raise fail(path, "study.heartbeat_timeout_s", "a number > 0", study.heartbeat_timeout_s)
     return study
 
 

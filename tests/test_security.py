@@ -119,3 +119,30 @@ def test_sigterm_while_the_journal_lock_is_held_waits_for_its_release(tmp_path):
     finally:
         signal.signal(signal.SIGTERM, old[0])
         signal.signal(signal.SIGINT, old[1])
+
+
+def test_breaking_a_stale_journal_lock_keeps_signals_deferred_then_delivered(tmp_path):
+    """Optuna breaks a stale lock file by calling release() inside acquire(): that must neither end
+    the guarded section early nor leave the deferral depth below zero (signals swallowed after)."""
+    from charlm import interrupts
+    from charlm.storage import open_storage
+
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        interrupts.install()
+        lock = open_storage(f"journal:{tmp_path / 's.journal'}")._backend._lock
+        lock.grace_period = 1  # Optuna's default waits 30 s before breaking a lock file
+        (tmp_path / "s.journal.lock").touch()  # left behind by a process killed inside the lock
+        assert lock.acquire()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # held: deferred
+        with pytest.raises(SystemExit) as e:
+            lock.release()
+        assert e.value.code == 143 and interrupts._depth == 0
+        interrupts.leave()  # an unmatched release is harmless
+        with pytest.raises(SystemExit):  # outside the lock: at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])

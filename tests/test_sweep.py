@@ -69,6 +69,7 @@ def test_sweep_errors_name_file_key_and_expectation(tmp_path, monkeypatch):
     assert "did you mean 'study.n_trials'" in _sweep_err(tmp_path, _doc(study={"name": "t", "n_trails": 3}))
     assert "Unknown sweep key 'spaces'" in _sweep_err(tmp_path, {**_doc(), "spaces": {}})
     assert "'study.n_trials'" in _sweep_err(tmp_path, _doc(study={"name": "t", "n_trials": "many"}))
+    assert "'study.heartbeat_timeout_s'" in _sweep_err(tmp_path, _doc(study={"name": "t", "heartbeat_timeout_s": 0}))
     msg = _sweep_err(tmp_path, _doc(space={"model.kind": {"choice": []}}))
     assert "'space.model.kind.choice'" in msg and "a non-empty list" in msg
     msg = _sweep_err(tmp_path, _doc(space={"train.lr": {"float": [1e-2, 1e-4]}}))
@@ -409,16 +410,22 @@ def test_diverging_trials_fail_and_the_sweep_carries_on(tmp_path):
 
 
 def test_two_sweeps_started_at_once_share_one_study(tmp_path):
-    """Two `make sweep` on the same study at the same moment: one study, one parent run, one
-    MLflow store, and together exactly n_trials trials."""
-    args = [PYTHON, "-m", "charlm", "sweep", str(SMOKE), "--n-trials", "6"]
-    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    """Two `make sweep` on the same study at the same moment, each in its own folder as on its own
+    machine: one study, one parent run, distinct parameters, and together exactly n_trials trials."""
+    storage = f"journal:{tmp_path / 'shared' / 'smoke.journal'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"}
+    args = [PYTHON, "-m", "charlm", "sweep", str(SMOKE), "--n-trials", "6", "--storage", storage]
+    procs = []
+    for host in ("a", "b"):
+        (tmp_path / host).mkdir()
+        procs.append(subprocess.Popen(args, cwd=tmp_path / host, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
-    study = journal_study(tmp_path, "smoke")
+    study = optuna.load_study(study_name="smoke", storage=open_storage(storage))
     assert sorted(t.number for t in study.trials) == list(range(6))
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6  # no trial drawn twice
     workers = {t.system_attrs.get("charlm.pid") for t in study.trials}
     assert len(workers) == 2  # both contributed
     _, runs = mlflow_runs(tmp_path, "smoke")
