@@ -29,6 +29,7 @@ class Session:
     study: optuna.Study
     parent_run_id: str
     worker: int = 0
+    experiment_id: str = ""  # the MLflow experiment, where the coordinator knows it
 
 
 def storage_url(spec: SweepSpec) -> str:
@@ -75,6 +76,16 @@ class _GuardedOpenLock(optuna.storages.journal.JournalFileOpenLock):
             interrupts.leave()
 
 
+def artifact_store(study: str):
+    """Optuna's artifact store of a study, ``mlruns/optuna-artifacts/<study>/``: files the
+    optuna-dashboard shows on each trial (its loss curve), shared by the sweep and `make dashboard`."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    base = paths.MLRUNS / "optuna-artifacts" / study
+    base.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(base_path=str(base))
+
+
 def lock_path(spec: SweepSpec, url: str) -> Path:
     journal = paths.journal_path(url)
     if journal is not None:
@@ -86,7 +97,7 @@ def open_study(spec: SweepSpec, storage_url: str, worker: int = 0, create: bool 
     base = spec.base_config()
     storage = open_storage(storage_url)
     kw = dict(study_name=spec.study.name, storage=storage, sampler=make_sampler(spec, worker),
-              pruner=make_pruner(spec, base.train.max_steps, base.train.validation_interval))
+              pruner=make_pruner(spec, base.train.max_steps, base.train.validation_interval, base.train.max_minutes))
     if create:
         return optuna.create_study(direction=spec.study.direction, load_if_exists=True, **kw)
     try:
