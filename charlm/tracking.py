@@ -22,15 +22,17 @@ from charlm import paths
 from charlm.errors import CharlmError
 
 SYSTEM_METRICS_INTERVAL = 2.0  # seconds between samples: a smoke trial lasts a few seconds, a real one minutes
-# MLflow 3's UI opens an experiment with this tag in its model-training view (the runs table), not
-# the GenAI overview it shows for an experiment of unknown kind
+# The experiment kind MLflow's UI knows: model training, not GenAI. The 3.17 UI, though, picks its view
+# from its GenAI / Model training switch (the `workflowType` URL parameter, else a saved choice,
+# else GenAI's overview), so the links charlm prints also carry workflowType=machine_learning.
 KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves by default
 
 
 def ui_runs_url(experiment_id: str, run_id: str | None = None) -> str:
-    """The `make ui` page of an experiment's runs, or of one run."""
-    return f"{UI_URL}/#/experiments/{experiment_id}/" + (f"runs/{run_id}" if run_id else "runs")
+    """The `make ui` page of an experiment's runs, or of one run, in the model-training view."""
+    return f"{UI_URL}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "") + \
+        "?workflowType=machine_learning"
 
 class Tracker(Protocol):
     """What a training run records; :class:`MlflowTracker` and :class:`NullTracker` implement it."""

@@ -268,8 +268,8 @@ def test_runs_carry_lineage_and_the_dashboard_shows_curve_and_mlflow_link(smoke_
     cwd, r = smoke_sweep
     client, runs = mlflow_runs(cwd, "smoke")
     exp = client.get_experiment_by_name("smoke")
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
-    assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs" in r.stdout
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in r.stdout
     parent = next(x for x in runs if x.data.tags.get("charlm.role") == "study")
     assert "smoke.yaml" in {f.path for f in client.list_artifacts(parent.info.run_id)}
     baseline = next(x for x in runs if x.data.tags.get("charlm.role") == "baseline")
@@ -284,7 +284,7 @@ def test_runs_carry_lineage_and_the_dashboard_shows_curve_and_mlflow_link(smoke_
         (meta,) = get_all_artifact_meta(t, storage=study._storage)
         assert meta.filename == "loss_curve.png" and (store / meta.artifact_id).stat().st_size > 1000
         note = get_note(optuna.Trial(study, t._trial_id))
-        assert f"/#/experiments/{exp.experiment_id}/runs/{run.info.run_id})" in note
+        assert f"/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning)" in note
 
 
 def test_hyperband_sizes_its_rungs_by_the_steps_trials_really_reach():
