@@ -17,7 +17,6 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import pytest
-from conftest import PYTHON, ROOT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -25,6 +24,7 @@ from charlm import checkpoint, serving
 from charlm.data import load_corpus
 from charlm.tracking import MlflowTracker
 from charlm.train import train
+from helpers import PYTHON, ROOT
 
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
 

@@ -266,6 +266,8 @@ def test_runs_carry_lineage_and_the_dashboard_shows_curve_and_mlflow_link(smoke_
     from optuna_dashboard import get_note
 
     cwd, r = smoke_sweep
+    skipped = [line for line in r.stderr.splitlines() if "dashboard artifact/note skipped" in line]
+    assert not skipped, skipped
     client, runs = mlflow_runs(cwd, "smoke")
     exp = client.get_experiment_by_name("smoke")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -281,9 +283,12 @@ def test_runs_carry_lineage_and_the_dashboard_shows_curve_and_mlflow_link(smoke_
         run = by_id[t.user_attrs["mlflow_run_id"]]
         assert run.data.tags["mlflow.note.content"].startswith(f"Trial {t.number} of Optuna study 'smoke'")
         assert run.data.metrics["trial_number"] == t.number and run.data.metrics["n_params"] > 0
-        (meta,) = get_all_artifact_meta(t, storage=study._storage)
+        metas = get_all_artifact_meta(t, storage=study._storage)
+        assert len(metas) == 1, (t.number, t.state, metas)
+        meta = metas[0]
         assert meta.filename == "loss_curve.png" and (store / meta.artifact_id).stat().st_size > 1000
         note = get_note(optuna.Trial(study, t._trial_id))
+        assert run.info.run_id in note, (t.number, note)
         assert f"/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning)" in note
 
 
