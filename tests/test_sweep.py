@@ -331,6 +331,15 @@ def test_dashboard_serves_the_study_on_loopback(smoke_sweep):
                 time.sleep(0.5)
         assert body is not None, "optuna-dashboard did not answer"
         assert [x["study_name"] for x in body["study_summaries"]] == ["smoke"]
+        # each trial's loss curve, served from the sweep's Optuna artifact store, and its note
+        study_id = body["study_summaries"][0]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=10) as resp:
+            trial = json.loads(resp.read())["trials"][0]
+        (art,) = trial["artifacts"]
+        assert "MLflow run" in trial["note"]["body"]
+        url = f"http://127.0.0.1:{port}/artifacts/{study_id}/{trial['trial_id']}/{art['artifact_id']}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.headers["Content-Type"] == "image/png" and len(resp.read()) > 1000
     finally:
         proc.terminate()
         proc.wait(timeout=30)
