@@ -193,13 +193,14 @@ def cmd_dashboard(args) -> int:
     from optuna_dashboard import run_server
 
     from charlm.paths import redact
-    from charlm.storage import open_storage
+    from charlm.storage import artifact_store, open_storage
 
     spec, _, url = _study(args)
     # read-only: SIGTERM ends it at once (raised inside a request, wsgiref would swallow it)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(f"optuna-dashboard for study '{spec.study.name}' ({redact(url)}) on http://{args.host}:{args.port}", flush=True)
-    run_server(open_storage(url), host=args.host, port=args.port)
+    # the store the sweep uploaded each trial's loss curve to
+    run_server(open_storage(url), host=args.host, port=args.port, artifact_store=artifact_store(spec.study.name))
     return 0
 
 

@@ -25,6 +25,8 @@ from charlm.sweepfile import SweepSpec
 from charlm.tracking import MlflowTracker
 from charlm.train import train
 
+NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
+
 
 def _write_atomic(path: Path, text: str) -> None:
     checkpoint.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
@@ -60,7 +62,10 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
     tags = {"best": "true", "optuna.study_name": spec.study.name, "optuna.best_trial": str(trial.number),
             "charlm.study_run": study.user_attrs.get("mlflow_parent_run_id", "")}
     rows = []
-    with MlflowTracker(spec.study.name, f"best-trial-{trial.number}", tags=tags) as parent:
+    note = (f"Best trial {trial.number} of Optuna study '{spec.study.name}' (val {trial.value:.4f}) retrained "
+            f"for {cfg.train.max_steps} steps over seeds {list(seeds)}; the seed with the lowest val loss is saved "
+            f"and registered as charlm-{spec.study.name}.")
+    with MlflowTracker(spec.study.name, f"best-trial-{trial.number}", tags={**tags, NOTE: note}) as parent:
         parent.log_params({**config.flatten(cfg), "seeds": list(seeds), "best_trial": trial.number,
                            "budget_multiplier": spec.best.budget_multiplier})
         best_loaded = None
@@ -107,8 +112,10 @@ def _seed(spec: SweepSpec, cfg: config.Config, seed: int, out: Path, parent_run_
         print(f"  seed {seed}: val {row['val_loss']:.4f}  test {row['test_loss']:.4f}  "
               f"(kept from an earlier run: MLflow run {row['run_id']})")
         return row, loaded
+    note = (f"Seed {seed} of the retrain of best trial {tags['optuna.best_trial']} of Optuna study "
+            f"'{spec.study.name}'; a child of the best-trial run.")
     with MlflowTracker(spec.study.name, seed_cfg.name, parent_run_id=parent_run_id,
-                       tags={**tags, "seed": str(seed)}) as tracker:
+                       tags={**tags, "seed": str(seed), NOTE: note}) as tracker:
         # an interrupted seed resumes from its last evaluation, optimizer state included
         res = train(seed_cfg, tracker, state_path=out / ".seeds" / f"seed-{seed}-{key}.state.pt")
         loaded = checkpoint.load(res.checkpoint) if res.checkpoint else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -14,8 +15,8 @@ from optuna.trial import TrialState
 from charlm import config
 from charlm.data import Corpus, load_corpus
 from charlm.space import suggest
-from charlm.storage import Session
-from charlm.tracking import MlflowTracker
+from charlm.storage import Session, artifact_store
+from charlm.tracking import MlflowTracker, ui_runs_url
 from charlm.train import EvalEvent, RunResult, StopReason, train
 
 MAX_RETRIES = 2  # a trial whose worker died is re-queued at most this many times
@@ -50,8 +51,12 @@ def run_trial(session: Session, trial: optuna.Trial) -> TrialState:
         for key in ("patience", "min_relative_improvement", "validation_interval"):
             trial.set_user_attr(key, getattr(cfg.train, key))  # the pruner applies the trial's own rule
         tracker = MlflowTracker(spec.study.name, cfg.name, parent_run_id=session.parent_run_id, tags={
-            "optuna.study_name": spec.study.name, "optuna.trial_number": str(trial.number)})
+            "optuna.study_name": spec.study.name, "optuna.trial_number": str(trial.number),
+            "mlflow.note.content": f"Trial {trial.number} of Optuna study '{spec.study.name}' "
+            f"({Path(spec.path).name}): a {cfg.model.kind} with the sampled parameters, seed {cfg.train.seed}; "
+            "a child of the study's run."})
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        tracker.log_metrics({"trial_number": trial.number}, step=0)  # a metric, so the UI can chart by it
         if "retry_of" in trial.user_attrs:
             tracker.set_tags({"optuna.retry_of": trial.user_attrs["retry_of"]})
         best = [math.inf]
@@ -63,6 +68,7 @@ def run_trial(session: Session, trial: optuna.Trial) -> TrialState:
 
         with tracker:
             result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), progress=False)
+            show_in_dashboard(trial, tracker, result, spec.study.name)
             state = _close_run(tracker, result)
         return _tell(study, trial, result, state)
     except (KeyboardInterrupt, SystemExit):
@@ -84,6 +90,24 @@ def run_trial(session: Session, trial: optuna.Trial) -> TrialState:
         with contextlib.suppress(Exception):
             study.tell(trial, state=TrialState.FAIL)
         return TrialState.FAIL
+
+
+def show_in_dashboard(trial: optuna.Trial, tracker: MlflowTracker, result: RunResult, study: str) -> None:
+    """What optuna-dashboard shows on the trial: its loss curve (Optuna's artifact store) and a note
+    linking to its MLflow run. Before the trial is told: a finished trial takes no more attributes."""
+    from optuna.artifacts import upload_artifact
+    from optuna_dashboard import save_note
+
+    try:
+        curve = tracker.workdir / "loss_curve.png"
+        if curve.is_file():
+            upload_artifact(study_or_trial=trial, file_path=str(curve), artifact_store=artifact_store(study))
+        url = ui_runs_url(tracker.experiment_id, tracker.run_id)
+        save_note(trial, f"MLflow run [{tracker.run_id}]({url}) (open with `make ui`)\n\n"
+                         f"stop: {result.stop_reason} after {result.steps} steps; best val loss "
+                         f"{result.best_val_loss:.4f} nats/char; {result.n_params:,} parameters")
+    except Exception as e:  # the trial's result stands without its dashboard extras
+        print(f"trial {trial.number}: dashboard artifact/note skipped ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def _close_run(tracker: MlflowTracker, result: RunResult) -> TrialState:
@@ -123,7 +147,9 @@ def log_baseline(session: Session) -> None:
     spec = session.spec
     cfg = config.load(spec.baseline)
     cfg = config.override(cfg, {"experiment": spec.study.name}, where=spec.baseline)
-    tags = {"charlm.role": "baseline", "charlm.study_run": session.parent_run_id, "optuna.study_name": spec.study.name}
+    tags = {"charlm.role": "baseline", "charlm.study_run": session.parent_run_id, "optuna.study_name": spec.study.name,
+            "mlflow.note.content": f"Baseline of Optuna study '{spec.study.name}': {Path(spec.baseline).name} "
+            f"({cfg.model.kind}) trained once, seed {cfg.train.seed}, as the floor the trials should beat; not a trial."}
     with MlflowTracker(spec.study.name, f"baseline-{cfg.name}", tags=tags) as tracker:
         result = train(cfg, tracker, corpus=corpus_for(cfg), progress=False)
     session.study.set_user_attr("mlflow_baseline_run_id", tracker.run_id)

@@ -143,7 +143,16 @@ class PatiencePruner(optuna.pruners.BasePruner):
         return fired
 
 
-def make_pruner(spec: SweepSpec, max_steps: int, interval: int) -> optuna.pruners.BasePruner:
+def hyperband_max_resource(max_steps: int, max_minutes: float) -> int | str:
+    """The last step a full trial reaches. With a clock limit, ``max_steps`` is only a ceiling that
+    trials may never reach: sized for it, Hyperband's rungs sit too high and its largest bracket
+    never completes anyone. So let Optuna take it from the trials themselves ("auto": the last
+    step reported by the first completed trials), which is what the clock and the trial's own early
+    stop really allow."""
+    return "auto" if max_minutes > 0 else max_steps
+
+
+def make_pruner(spec: SweepSpec, max_steps: int, interval: int, max_minutes: float = 0.0) -> optuna.pruners.BasePruner:
     p = spec.pruner
     if p.type == "patience":
         return PatiencePruner(p.reference, p.percentile, p.min_trials, p.warmup_steps)
@@ -152,5 +161,6 @@ def make_pruner(spec: SweepSpec, max_steps: int, interval: int) -> optuna.pruner
     if p.type == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=interval)
     if p.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=interval, max_resource=max_steps)
+        return optuna.pruners.HyperbandPruner(min_resource=interval,
+                                              max_resource=hyperband_max_resource(max_steps, max_minutes))
     return optuna.pruners.NopPruner()

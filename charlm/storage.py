@@ -37,6 +37,7 @@ class Session:
     parent_run_id: str
     worker: int = 0
     beats: dict = field(default_factory=dict)  # trial id -> (heartbeat seen, this process's monotonic time)
+    experiment_id: str = ""  # the MLflow experiment, where the coordinator knows it
 
 
 def storage_url(spec: SweepSpec) -> str:
@@ -96,6 +97,16 @@ class _GuardedOpenLock(optuna.storages.journal.JournalFileOpenLock):
             interrupts.leave()
 
 
+def artifact_store(study: str):
+    """Optuna's artifact store of a study, ``mlruns/optuna-artifacts/<study>/``: files the
+    optuna-dashboard shows on each trial (its loss curve), shared by the sweep and `make dashboard`."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    base = paths.MLRUNS / "optuna-artifacts" / study
+    base.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(base_path=str(base))
+
+
 def lock_path(spec: SweepSpec, url: str) -> Path:
     """The lock file beside a journal or SQLite file (every process that opens it sees it); for
     another RDB without a lock of its own, a file in this machine's mlruns/."""
@@ -137,7 +148,7 @@ def open_study(spec: SweepSpec, storage_url: str, create: bool = False) -> optun
     base = spec.base_config()
     storage = open_storage(storage_url)
     kw = dict(study_name=spec.study.name, storage=storage, sampler=make_sampler(spec),
-              pruner=make_pruner(spec, base.train.max_steps, base.train.validation_interval))
+              pruner=make_pruner(spec, base.train.max_steps, base.train.validation_interval, base.train.max_minutes))
     if create:
         return optuna.create_study(direction=spec.study.direction, load_if_exists=True, **kw)
     try:

@@ -21,7 +21,7 @@ from charlm.report import SweepProgress, counted, fmt, log_report, refresh_summa
 from charlm.space import suggest
 from charlm.storage import Session, open_study, storage_url, study_lock
 from charlm.sweepfile import SweepSpec
-from charlm.tracking import get_or_create_experiment, git_commit, tracking_uri
+from charlm.tracking import get_or_create_experiment, git_commit, tracking_uri, ui_runs_url
 from charlm.workers import spawn, threads_for, worker_loop
 
 
@@ -34,7 +34,7 @@ def prepare(spec: SweepSpec, url: str) -> Session:
         if study.direction.name.lower() != spec.study.direction:
             raise CharlmError(f"Study '{spec.study.name}' exists with direction {study.direction.name.lower()}; "
                               f"{spec.path} asks for {spec.study.direction}. Rename the study to start afresh")
-        session = Session(spec, url, study, _parent_run(spec, url, study, exp_id))
+        session = Session(spec, url, study, _parent_run(spec, url, study, exp_id), experiment_id=exp_id)
         if spec.baseline and not study.user_attrs.get("mlflow_baseline_run_id"):
             log_baseline(session)
         return session
@@ -62,6 +62,7 @@ def _parent_run(spec: SweepSpec, url: str, study: optuna.Study, exp_id: str) -> 
     client.log_batch(parent, params=[Param("sweep_file", spec.path), Param("storage", paths.redact(url)),
                                      Param("sampler", spec.sampler.type), Param("pruner", spec.pruner.type),
                                      Param("n_trials", str(spec.study.n_trials))])
+    client.log_artifact(parent, spec.path)  # the sweep exactly as it was run, beside its results
     return parent
 
 
@@ -94,6 +95,7 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> i
         shown.close()
         _close_parent(session, status)
     _print_results(session.study)
+    print(f"MLflow runs (make ui): {ui_runs_url(session.experiment_id)}")
     return 0
 
 

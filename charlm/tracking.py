@@ -22,6 +22,17 @@ from charlm import paths
 from charlm.errors import CharlmError
 
 SYSTEM_METRICS_INTERVAL = 2.0  # seconds between samples: a smoke trial lasts a few seconds, a real one minutes
+# The experiment kind MLflow's UI knows: model training, not GenAI. The 3.17 UI, though, picks its view
+# from its GenAI / Model training switch (the `workflowType` URL parameter, else a saved choice,
+# else GenAI's overview), so the links charlm prints also carry workflowType=machine_learning.
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves by default
+
+
+def ui_runs_url(experiment_id: str, run_id: str | None = None) -> str:
+    """The `make ui` page of an experiment's runs, or of one run, in the model-training view."""
+    return f"{UI_URL}/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "") + \
+        "?workflowType=machine_learning"
 
 class Tracker(Protocol):
     """What a training run records; :class:`MlflowTracker` and :class:`NullTracker` implement it."""
@@ -276,11 +287,13 @@ def _get_or_create_experiment(client, name: str, uri: str) -> str:
             raise CharlmError(
                 f"MLflow experiment '{name}' is deleted; restore it in the UI or pick another name"
             )
+        if not exp.tags.get(KIND_TAG):  # made before charlm set it, or by hand
+            client.set_experiment_tag(exp.experiment_id, KIND_TAG, MODEL_TRAINING)
         return exp.experiment_id
     root = artifact_root(uri)
     location = f"{root}/{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}" if root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: MODEL_TRAINING})
     except MlflowException:
         exp = client.get_experiment_by_name(name)  # another process created it first
         if exp is None:

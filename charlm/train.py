@@ -77,6 +77,7 @@ def log_params(run: Run) -> None:
         "data_file": run.corpus.path.name, "vocab_size": len(run.corpus.vocab), "git_commit": git_commit(),
         "device": run.device, "amp": "bf16" if run.amp else "fp32", "torch_threads": torch.get_num_threads(),
     })
+    tracker.log_metrics({"n_params": run.n_params}, step=0)  # also a metric: the UI charts metrics, not params
     tracker.log_dataset(run.corpus)
     if cfg.train.system_metrics:
         tracker.start_system_metrics()

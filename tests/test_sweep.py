@@ -262,6 +262,59 @@ def test_parent_run_holds_the_study_plots_and_report_and_each_trial_its_curve(sm
     assert r.returncode == 2 and r.stderr.startswith("error: No study 'smoke'")
 
 
+def test_runs_carry_lineage_and_the_dashboard_shows_curve_and_mlflow_link(smoke_sweep):
+    from optuna.artifacts import get_all_artifact_meta
+    from optuna_dashboard import get_note
+
+    cwd, r = smoke_sweep
+    skipped = [line for line in r.stderr.splitlines() if "dashboard artifact/note skipped" in line]
+    assert not skipped, skipped
+    client, runs = mlflow_runs(cwd, "smoke")
+    exp = client.get_experiment_by_name("smoke")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in r.stdout
+    parent = next(x for x in runs if x.data.tags.get("charlm.role") == "study")
+    assert "smoke.yaml" in {f.path for f in client.list_artifacts(parent.info.run_id)}
+    baseline = next(x for x in runs if x.data.tags.get("charlm.role") == "baseline")
+    assert "Baseline of Optuna study 'smoke'" in baseline.data.tags["mlflow.note.content"]
+    study = journal_study(cwd, "smoke")
+    store = cwd / "mlruns" / "optuna-artifacts" / "smoke"
+    by_id = {x.info.run_id: x for x in runs}
+    for t in study.trials:
+        run = by_id[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["mlflow.note.content"].startswith(f"Trial {t.number} of Optuna study 'smoke'")
+        assert run.data.metrics["trial_number"] == t.number and run.data.metrics["n_params"] > 0
+        metas = get_all_artifact_meta(t, storage=study._storage)
+        assert len(metas) == 1, (t.number, t.state, metas)
+        meta = metas[0]
+        assert meta.filename == "loss_curve.png" and (store / meta.artifact_id).stat().st_size > 1000
+        note = get_note(optuna.Trial(study, t._trial_id))
+        assert run.info.run_id in note, (t.number, note)
+        assert f"/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning)" in note
+
+
+def test_hyperband_sizes_its_rungs_by_the_steps_trials_really_reach():
+    from dataclasses import replace
+
+    from charlm.search import make_pruner
+
+    spec = load_sweep(SMOKE)
+    spec = replace(spec, pruner=replace(spec.pruner, type="hyperband"))
+    assert make_pruner(spec, 3000, 100)._max_resource == 3000  # no clock: every full trial reaches max_steps
+    pruner = make_pruner(spec, 3000, 100, max_minutes=5.0)  # a clock: max_steps is only a ceiling
+    study = optuna.create_study(pruner=pruner)
+    for _ in range(2):  # the clock stopped each trial at step 700
+        trial = study.ask()
+        for step in range(100, 800, 100):
+            trial.report(1.0, step)
+            trial.should_prune()
+        study.tell(trial, 1.0)
+    trial = study.ask()
+    trial.report(1.0, 100)
+    trial.should_prune()
+    assert pruner._max_resource == 701  # Optuna's "auto": the last step completed trials reached, plus one
+
+
 def test_dashboard_serves_the_study_on_loopback(smoke_sweep):
     import urllib.request
 
@@ -279,6 +332,15 @@ def test_dashboard_serves_the_study_on_loopback(smoke_sweep):
                 time.sleep(0.5)
         assert body is not None, "optuna-dashboard did not answer"
         assert [x["study_name"] for x in body["study_summaries"]] == ["smoke"]
+        # each trial's loss curve, served from the sweep's Optuna artifact store, and its note
+        study_id = body["study_summaries"][0]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=10) as resp:
+            trial = json.loads(resp.read())["trials"][0]
+        (art,) = trial["artifacts"]
+        assert "MLflow run" in trial["note"]["body"]
+        url = f"http://127.0.0.1:{port}/artifacts/{study_id}/{trial['trial_id']}/{art['artifact_id']}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.headers["Content-Type"] == "image/png" and len(resp.read()) > 1000
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -1,13 +1,16 @@
-"""The MLflow UI as users meet it: `make ui` over a real sweep's store, driven in headless
-Chromium (Debian's /usr/bin/chromium through Playwright; no browser is ever downloaded)."""
+"""The MLflow UI as users meet it: `make ui` over a real sweep's store (and its best model,
+registered), driven in headless Chromium (Debian's /usr/bin/chromium through Playwright; no browser
+is ever downloaded), each page from a fresh browser profile."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,7 +25,6 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
         "--disable-component-update", "--disable-sync"]
 
 
-
 def _api(port: int, path: str, body: dict | None = None) -> dict:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/{path}",
                                  data=json.dumps(body).encode() if body is not None else None,
@@ -31,18 +33,26 @@ def _api(port: int, path: str, body: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
-@pytest.mark.slow
-def test_mlflow_ui_shows_trials_nested_under_the_study_and_compares_them(tmp_path):
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    """A smoke sweep, its best model (seed 0) registered, and `make ui` over their store."""
     assert Path(CHROMIUM).is_file(), "install Debian's chromium package (.ci/run does)"
-    from playwright.sync_api import sync_playwright
-
-    r = subprocess.run([PYTHON, "-m", "charlm", "sweep", str(ROOT / "sweeps" / "smoke.yaml"), "--workers", "2"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    cwd = tmp_path_factory.mktemp("ui")
+    sweep = ROOT / "sweeps" / "smoke.yaml"
+    r = subprocess.run([PYTHON, "-m", "charlm", "sweep", str(sweep), "--workers", "2"],
+                       cwd=cwd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    printed = re.search(r"MLflow runs \(make ui\): (\S+)", r.stdout).group(1)
+    best = subprocess.run([PYTHON, "-m", "charlm", "best", str(sweep), "--seeds", "0"],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert best.returncode == 0, best.stderr[-2000:]
     port = free_port()
-    server = subprocess.Popen(["make", "-s", "-C", str(ROOT), "ui", f"PORT={port}", f"STORE={tmp_path / 'mlruns'}"],
+    # make with the venv running these tests, taken as installed (-o: no reinstall from the stamp's age)
+    venv = Path(sys.prefix)
+    server = subprocess.Popen(["make", "-s", "-C", str(ROOT), "-o", str(venv / ".installed"), "ui", f"VENV={venv}",
+                               f"PORT={port}", f"STORE={cwd / 'mlruns'}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    shots = tmp_path / "screenshots"
+    shots = cwd / "screenshots"
     shots.mkdir()
     try:
         deadline = time.time() + 120
@@ -53,45 +63,7 @@ def test_mlflow_ui_shows_trials_nested_under_the_study_and_compares_them(tmp_pat
             except OSError:
                 assert time.time() < deadline and server.poll() is None, "make ui did not come up"
                 time.sleep(1)
-        exp = _api(port, "experiments/get-by-name?experiment_name=smoke")["experiment"]["experiment_id"]
-        runs = _api(port, "runs/search", {"experiment_ids": [exp], "max_results": 100})["runs"]
-        tags = {x["info"]["run_id"]: {t["key"]: t["value"] for t in x["data"].get("tags", [])} for x in runs}
-        parent = next(i for i, t in tags.items() if t.get("charlm.role") == "study")
-        trials = sorted((t["mlflow.runName"], i) for i, t in tags.items() if t.get("mlflow.parentRunId") == parent)
-        assert len(trials) == 8
-
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/#/experiments/{exp}/runs")
-            study_row = page.locator("[role=row]", has_text="study-smoke")
-            study_row.first.wait_for(timeout=60_000)
-            # the trials are children of the study run: hidden until its row is expanded
-            assert page.get_by_text("trial-000", exact=True).count() == 0
-            study_row.locator('button[data-component-id*="runnamecellrenderer"]').click()
-            for name, _ in trials:
-                page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
-            rows = page.locator("[role=row]").all_inner_texts()
-            at = next(i for i, text in enumerate(rows) if "study-smoke" in text)
-            below = " ".join(rows[at + 1:at + 1 + len(trials)])
-            assert all(name in below for name, _ in trials), "the trials are not listed under the study run"
-            with_assistant = page.get_by_role("button", name="Close")
-            if with_assistant.count():
-                with_assistant.first.click()  # the assistant panel hides half the table
-            page.wait_for_timeout(500)
-            page.screenshot(path=shots / "mlflow_runs.png")
-
-            ids = [i for _, i in trials]
-            page.goto(f"http://127.0.0.1:{port}/#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps([exp])}")
-            page.get_by_text("val_loss").first.wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)
-            body = page.inner_text("body")
-            assert f"Comparing {len(ids)} Runs" in body
-            for key in ("val_loss", "train.lr", "train.patience", "model.kind"):
-                assert key in body, key
-            page.screenshot(path=shots / "mlflow_compare.png")
-            browser.close()
-        assert (shots / "mlflow_runs.png").stat().st_size > 10_000
+        yield port, printed.replace("127.0.0.1:5000", f"127.0.0.1:{port}"), shots
         if os.environ.get("CHARLM_SCREENSHOTS"):  # refresh the README's pictures
             for f in shots.iterdir():
                 shutil.copy(f, Path(os.environ["CHARLM_SCREENSHOTS"]) / f.name)
@@ -101,3 +73,98 @@ def test_mlflow_ui_shows_trials_nested_under_the_study_and_compares_them(tmp_pat
     # the server is gone with its port
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def fresh_page(browser):
+    """A page in a new browser context: no saved UI state (view switch, columns, panels)."""
+    return browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+
+
+def close_assistant(page) -> None:
+    button = page.get_by_role("button", name="Close")
+    if button.count():
+        button.first.click()  # the assistant panel hides half the page
+    page.wait_for_timeout(500)
+
+
+def study_trials(port: int) -> tuple[str, list[tuple[str, str]]]:
+    exp = _api(port, "experiments/get-by-name?experiment_name=smoke")["experiment"]["experiment_id"]
+    runs = _api(port, "runs/search", {"experiment_ids": [exp], "max_results": 100})["runs"]
+    tags = {x["info"]["run_id"]: {t["key"]: t["value"] for t in x["data"].get("tags", [])} for x in runs}
+    parent = next(i for i, t in tags.items() if t.get("charlm.role") == "study")
+    return exp, sorted((t["mlflow.runName"], i) for i, t in tags.items() if t.get("mlflow.parentRunId") == parent)
+
+
+@pytest.mark.slow
+def test_printed_link_opens_the_runs_with_trials_nested_under_the_study_and_their_dataset(ui, browser):
+    port, printed, shots = ui
+    exp, trials = study_trials(port)
+    assert len(trials) == 8
+    assert printed == f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning"
+    page = fresh_page(browser)
+    page.goto(printed)  # what `make sweep` printed, in a browser that never saw MLflow
+    study_row = page.locator("[role=row]", has_text="study-smoke")
+    study_row.first.wait_for(timeout=60_000)
+    # the model-training view (Runs, Models, Model registry), not GenAI's overview of traces
+    nav = page.inner_text("body")
+    assert "Model registry" in nav and "Tool calls" not in nav and "/overview" not in page.url
+    # the trials are children of the study run: hidden until its row is expanded
+    assert page.get_by_text("trial-000", exact=True).count() == 0
+    study_row.locator('button[data-component-id*="runnamecellrenderer"]').click()
+    for name, _ in trials:
+        page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
+    rows = page.locator("[role=row]").all_inner_texts()
+    at = next(i for i, text in enumerate(rows) if "study-smoke" in text)
+    below = rows[at + 1:at + 1 + len(trials)]
+    assert all(name in " ".join(below) for name, _ in trials), "the trials are not listed under the study run"
+    # the Dataset column names the corpus: on the baseline's row and each trial's (pinned name
+    # cells and the other cells are separate rows in the grid's markup, so count the cells)
+    datasets = page.get_by_text("tinyshakespeare.txt")
+    assert datasets.count() >= len(trials) + 1, datasets.all_inner_texts()
+    close_assistant(page)
+    page.screenshot(path=shots / "mlflow_runs.png")
+    top = page.locator("[role=row]").first.bounding_box()
+    right = datasets.last.bounding_box()
+    page.screenshot(path=shots / "mlflow_datasets.png", clip={  # the table alone: names and datasets
+        "x": top["x"], "y": top["y"], "width": right["x"] + right["width"] + 8 - top["x"],
+        "height": right["y"] + right["height"] + 8 - top["y"]})
+    assert (shots / "mlflow_runs.png").stat().st_size > 10_000
+
+    ids = [i for _, i in trials]
+    page.goto(f"http://127.0.0.1:{port}/#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps([exp])}")
+    page.get_by_text("val_loss").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1500)
+    body = page.inner_text("body")
+    assert f"Comparing {len(ids)} Runs" in body
+    for key in ("val_loss", "train.lr", "train.patience", "model.kind"):
+        assert key in body, key
+    page.screenshot(path=shots / "mlflow_compare.png")
+
+
+@pytest.mark.slow
+def test_registry_shows_the_best_model_with_its_champion_alias(ui, browser):
+    port, _, shots = ui
+    page = fresh_page(browser)
+    page.goto(f"http://127.0.0.1:{port}/#/models?workflowType=machine_learning")
+    row = page.locator("[role=row], tr", has_text="charlm-smoke").first
+    row.wait_for(timeout=60_000)
+    assert "champion" in row.inner_text() and "Version 1" in row.inner_text()
+    page.goto(f"http://127.0.0.1:{port}/#/models/charlm-smoke/versions/1?workflowType=machine_learning")
+    page.get_by_text(re.compile(r"best-trial-\d+")).first.wait_for(timeout=60_000)  # the source run
+    assert "champion" in page.inner_text("body")
+    page.goto(f"http://127.0.0.1:{port}/#/models/charlm-smoke?workflowType=machine_learning")
+    page.get_by_text("Version 1").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(1000)
+    close_assistant(page)
+    assert "champion" in page.inner_text("body")
+    page.screenshot(path=shots / "mlflow_registry.png")
