@@ -59,7 +59,7 @@ lint: $(STAMP) ## ruff over the code, tests and benches (rules and line length i
 	$(VENV)/bin/ruff check .
 
 test: $(STAMP) ## the test suite (fast tests, a few minutes on 2 cores)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-slow: $(STAMP) ## the long tests (full trainings, process kills, the UI in Chromium)
 	$(PY) -m pytest -q -m slow

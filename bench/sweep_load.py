@@ -26,8 +26,8 @@ SWEEP = """
 study: {{name: load, n_trials: {trials}}}
 sampler: {{type: random, seed: 0}}
 pruner: {{type: none}}
+base: base.yaml  # the corpus is the base experiment's: a sweep may not move the test split
 fixed:
-  data.path: {text}
   data.context: 16
   model.n_layer: 1
   model.n_head: 2
@@ -58,8 +58,9 @@ def main() -> int:
         d = Path(d)
         text = d / "tiny.txt"
         text.write_text(read_text(resolve_corpus())[:30_000], encoding="utf-8")
+        (d / "base.yaml").write_text(f"data: {{path: {text}}}\n")
         sweep = d / "load.yaml"
-        sweep.write_text(SWEEP.format(trials=args.trials, text=text))
+        sweep.write_text(SWEEP.format(trials=args.trials))
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, "-m", "charlm", "sweep", str(sweep), "--workers", str(args.workers)],
                            cwd=d, capture_output=True, text=True, env={**os.environ})

@@ -21,6 +21,21 @@ def cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float, why=lambda: "") -> None:
+    """Until ``url`` answers; fails with ``why()`` if ``proc`` exits first or the time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert time.time() < deadline and proc.poll() is None, f"{url} did not come up. {why()}"
+            time.sleep(1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

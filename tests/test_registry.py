@@ -23,7 +23,7 @@ from charlm import checkpoint, serving
 from charlm.data import load_corpus
 from charlm.tracking import MlflowTracker
 from charlm.train import train
-from helpers import ROOT, cli, free_port
+from helpers import ROOT, cli, free_port, wait_for_http
 
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
 
@@ -144,14 +144,7 @@ def test_sweep_best_register_then_make_serve_answers(tmp_path):
                                f"PORT={port}", "SERVE_MODEL=models:/charlm-smoke@champion"], env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, 180, lambda: (tmp_path / "serve.log").read_text()[-3000:])
         status, body = _post(port, {"dataframe_records": [{"prompt": "ROMEO:"}], "params": {"chars": 80}})
         assert status == 200 and len(body["predictions"][0]) == 80 and set(body["predictions"][0]) <= set(vocab.chars)
         for request, words in [

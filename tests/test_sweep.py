@@ -627,7 +627,8 @@ def test_best_interrupted_then_run_again_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "seed 0:" in r.stdout and r.stdout.count("kept from an earlier run") == 1  # seed 0 kept
     # seed 1 carries on from its last saved evaluation, not from step 0
-    assert f"resuming from step {state['step']}" in r.stdout and state["step"] > 0
+    step = state["loop"]["step"]  # TrainState's saved fields
+    assert f"resuming from step {step}" in r.stdout and step > 0
     assert not list(seeds.glob("*.state.pt"))
     _, runs = mlflow_runs(tmp_path, "resumebest")
     resumed = [x for x in runs if x.data.tags.get("seed") == "1" and x.info.status == "FINISHED"]

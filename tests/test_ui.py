@@ -11,13 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from helpers import PYTHON, ROOT, free_port
+from helpers import PYTHON, ROOT, free_port, wait_for_http
 
 CHROMIUM = "/usr/bin/chromium"
 # headless as root, and quiet: this machine's closed network refuses Chromium's background calls
@@ -55,14 +54,7 @@ def ui(tmp_path_factory):
     shots = cwd / "screenshots"
     shots.mkdir()
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and server.poll() is None, "make ui did not come up"
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/health", server, 120)
         yield port, printed.replace("127.0.0.1:5000", f"127.0.0.1:{port}"), shots
         if os.environ.get("CHARLM_SCREENSHOTS"):  # refresh the README's pictures
             for f in shots.iterdir():
