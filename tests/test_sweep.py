@@ -389,6 +389,7 @@ def test_best_without_a_completed_trial_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "No completed trial in study 'empty'" in r.stderr
 
 
+@pytest.mark.slow  # a whole sweep killed and resumed (~30 s); one worker of two killed stays in make test
 def test_sigkill_mid_trial_then_resume(tmp_path):
     """Kill the sweep with SIGKILL while a trial runs; the rerun fails and retries it."""
     f = _long_trial_sweep(tmp_path, "killme")
@@ -537,6 +538,7 @@ def _wait_mid_trial(tmp_path, name, proc):
     return None
 
 
+@pytest.mark.slow  # two sweeps of seconds-long trials (~55 s); make test keeps the in-process signal tests
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_interrupting_a_sweep_leaves_nothing_running(tmp_path, sig, code):
     f = _long_trial_sweep(tmp_path, "ctrlc")
