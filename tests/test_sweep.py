@@ -634,5 +634,5 @@ def test_best_interrupted_then_run_again_resumes(tmp_path):
     assert not list(seeds.glob("*.state.pt"))
     _, runs = mlflow_runs(tmp_path, "resumebest")
     resumed = [x for x in runs if x.data.tags.get("seed") == "1" and x.info.status == "FINISHED"]
-    assert len(resumed) == 1 and resumed[0].data.tags["resumed_from_step"] == str(state["step"])
+    assert len(resumed) == 1 and resumed[0].data.tags["resumed_from_step"] == str(step)
     assert (tmp_path / "mlruns" / "best" / "resumebest" / "model.pt").is_file()
