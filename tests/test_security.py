@@ -95,54 +95,55 @@ def test_a_password_in_a_sweep_file_or_on_the_command_line_is_refused(tmp_path):
     assert r.returncode == 2 and "--storage holds a password" in r.stderr and "s3cret" not in r.stderr + r.stdout
 
 
-def test_sigterm_while_the_journal_lock_is_held_waits_for_its_release(tmp_path):
+@pytest.fixture
+def charlm_signals():
+    """charlm's Ctrl-C/SIGTERM handlers for one test; the previous handlers restored after it."""
+    from charlm import interrupts
+
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    interrupts.install()
+    yield interrupts
+    signal.signal(signal.SIGTERM, old[0])
+    signal.signal(signal.SIGINT, old[1])
+
+
+def _sigterm_raises_at_once() -> None:
+    with pytest.raises(SystemExit):  # outside the lock: at once
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+
+
+def test_sigterm_while_the_journal_lock_is_held_waits_for_its_release(tmp_path, charlm_signals):
     """A kill landing inside Optuna's journal lock must not leave the lock file behind (every
     later access would wait out its 30 s grace): the signal is raised once the lock is released."""
-    from charlm import interrupts
     from charlm.storage import open_storage
 
-    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    try:
-        interrupts.install()
-        lock = open_storage(f"journal:{tmp_path / 's.journal'}")._backend._lock
-        lock_file = tmp_path / "s.journal.lock"
-        lock.acquire()
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.1)  # the handler has run: deferred, nothing raised
-        assert lock_file.exists()
-        with pytest.raises(SystemExit) as e:
-            lock.release()
-        assert e.value.code == 143 and not lock_file.exists()
-        with pytest.raises(SystemExit):  # outside the lock: at once
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-    finally:
-        signal.signal(signal.SIGTERM, old[0])
-        signal.signal(signal.SIGINT, old[1])
+    lock = open_storage(f"journal:{tmp_path / 's.journal'}")._backend._lock
+    lock_file = tmp_path / "s.journal.lock"
+    lock.acquire()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)  # the handler has run: deferred, nothing raised
+    assert lock_file.exists()
+    with pytest.raises(SystemExit) as e:
+        lock.release()
+    assert e.value.code == 143 and not lock_file.exists()
+    _sigterm_raises_at_once()
 
 
-def test_breaking_a_stale_journal_lock_keeps_signals_deferred_then_delivered(tmp_path):
+def test_breaking_a_stale_journal_lock_keeps_signals_deferred_then_delivered(tmp_path, charlm_signals):
     """Optuna breaks a stale lock file by calling release() inside acquire(): that must neither end
     the guarded section early nor leave the deferral depth below zero (signals swallowed after)."""
-    from charlm import interrupts
     from charlm.storage import open_storage
 
-    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    try:
-        interrupts.install()
-        lock = open_storage(f"journal:{tmp_path / 's.journal'}")._backend._lock
-        lock.grace_period = 1  # Optuna's default waits 30 s before breaking a lock file
-        (tmp_path / "s.journal.lock").touch()  # left behind by a process killed inside the lock
-        assert lock.acquire()
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.1)  # held: deferred
-        with pytest.raises(SystemExit) as e:
-            lock.release()
-        assert e.value.code == 143 and interrupts._depth == 0
-        interrupts.leave()  # an unmatched release is harmless
-        with pytest.raises(SystemExit):  # outside the lock: at once
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-    finally:
-        signal.signal(signal.SIGTERM, old[0])
-        signal.signal(signal.SIGINT, old[1])
+    interrupts = charlm_signals
+    lock = open_storage(f"journal:{tmp_path / 's.journal'}")._backend._lock
+    lock.grace_period = 1  # Optuna's default waits 30 s before breaking a lock file
+    (tmp_path / "s.journal.lock").touch()  # left behind by a process killed inside the lock
+    assert lock.acquire()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)  # held: deferred
+    with pytest.raises(SystemExit) as e:
+        lock.release()
+    assert e.value.code == 143 and interrupts._depth == 0
+    interrupts.leave()  # an unmatched release is harmless
+    _sigterm_raises_at_once()
