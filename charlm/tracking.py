@@ -216,14 +216,26 @@ class MlflowTracker:
             self._monitor.start()
 
     def log_dataset(self, corpus, context: str = "training") -> None:
-        """The corpus as the run's MLflow dataset input (lineage: which text, read from where)."""
+        """The corpus as the run's MLflow dataset input (lineage: which text, read from where).
+
+        The store inserts a dataset on its first use in an experiment. Runs starting at the same
+        moment (workers on several hosts) race for that insert and the losers get a unique-key
+        error from the server; tried again, they find the winner's row and link to it."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         d = dataset_fields(corpus, context)
         entity = Dataset(name=d["name"], digest=d["digest"], source_type="local",
                          source=json.dumps({"uri": d["source"]}),
                          profile=json.dumps(d["profile"]))
-        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+                return
+            except MlflowException:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
 
 def dataset_fields(corpus, context: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -30,6 +31,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from charlm import config
+from charlm.data import load_corpus
+from charlm.tracking import MlflowTracker
 from helpers import PYTHON, ROOT
 
 pytestmark = pytest.mark.pg
@@ -138,8 +142,11 @@ def _finish(c, procs: list, timeout: float = 300) -> None:
             code = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             code = None
-        logs = {str(f.relative_to(c["work"])): f.read_text()[-1500:] for f in c["work"].glob("*/out.log")}
-        assert code == 0, logs
+        assert code == 0, _logs(c)
+
+
+def _logs(c) -> dict[str, str]:
+    return {str(f.relative_to(c["work"])): f.read_text()[-1500:] for f in c["work"].glob("*/out.log")}
 
 
 def _kill_all(procs: list) -> None:
@@ -183,8 +190,9 @@ def test_two_hosts_finish_exactly_n_trials_every_time(cluster):
             _finish(c, batch)
             walls.append(time.time() - t0)
             trials = optuna.load_study(study_name=f"race-{rep}", storage=c["storage"]).trials
-            states = [t.state for t in trials]
-            assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == n and len(trials) == n, states
+            states = [(t.state.name, t.user_attrs.get("error")) for t in trials]  # why, when one failed
+            assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == n and len(trials) == n, \
+                (states, _logs(c))
             assert len({tuple(sorted(t.params.items())) for t in trials}) == n  # two hosts, no trial drawn twice
             shared += len({t.system_attrs["charlm.host"] for t in trials}) == 2
             runs = _mlflow_runs(c, f"race-{rep}")
@@ -197,6 +205,38 @@ def test_two_hosts_finish_exactly_n_trials_every_time(cluster):
               f"with process start-up")
     finally:
         _kill_all(procs)
+
+
+def test_runs_logging_the_same_dataset_at_once_all_record_it(cluster, tmp_path):
+    """The server inserts a dataset on its first use in an experiment; workers starting trials at
+    the same moment race for that insert, and the losers must still record the input (this race
+    once failed a trial in the exact-count test above)."""
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question\n" * 200)
+    corpus = load_corpus(config.DataConfig(path=str(text)))
+    runs = 10  # urllib3's pool size per client host
+    for rep in range(3):
+        trackers = [MlflowTracker(f"dataset-race-{rep}", f"run-{i}", uri=cluster["tracking"]) for i in range(runs)]
+        start, errors = threading.Barrier(runs), []
+
+        def log(tracker, start=start, errors=errors):
+            start.wait()
+            try:
+                tracker.log_dataset(corpus)
+            except Exception as e:  # collected, asserted below
+                errors.append(f"{type(e).__name__}: {e}"[:300])
+
+        threads = [threading.Thread(target=log, args=(t,)) for t in trackers]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+        assert not errors, errors
+        client = MlflowClient(cluster["tracking"])
+        for t in trackers:
+            t.end("FINISHED")
+            inputs = client.get_run(t.run_id).inputs.dataset_inputs
+            assert [d.dataset.name for d in inputs] == ["text.txt"], t.run_id
 
 
 def test_a_host_killed_mid_trial_is_noticed_by_heartbeat_and_its_trial_rerun(cluster):
