@@ -51,7 +51,7 @@ class EvalEvent:
     best_val_loss: float
     lr: float
     tokens_per_sec: float
-    elapsed: float  # seconds since training started
+    elapsed: float  # training seconds so far, evaluations included: the sweep's compute axis
 
 
 @dataclass
@@ -203,13 +203,14 @@ class Loop:
         self.window = (time.perf_counter(), 0)
         if self.diverged(val_loss):
             return StopReason.DIVERGED
+        reason = None
         if self.on_eval is not None:
             reason = self.on_eval(EvalEvent(state.step, val_loss, train_loss, best, lr, tokens_per_sec,
-                                            self.elapsed()))
-            if reason:
-                return StopReason(reason)
-        if fired:
+                                            row["train_seconds"]))
+        if fired:  # its own patience ran out: an early stop, even when the pruner fired at this evaluation too
             return StopReason.EARLY_STOP
+        if reason:
+            return StopReason(reason)
         return StopReason.MAX_MINUTES if out_of_time else None
 
     def evaluate(self, lr: float, tokens_per_sec: float) -> tuple[dict, bool]:
@@ -228,7 +229,7 @@ class Loop:
             state.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
             run.save_checkpoint({"step": state.step, "slice_val_loss": val.loss})
         row = {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_bpc": val.bpc, "lr": lr,
-               "tokens_per_sec": tokens_per_sec}
+               "tokens_per_sec": tokens_per_sec, "train_seconds": self.elapsed()}  # the compute axis, beside step
         if self.train_losses:
             row["train_loss"] = sum(self.train_losses) / len(self.train_losses)
             self.train_losses.clear()

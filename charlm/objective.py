@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -14,6 +15,7 @@ from optuna.trial import TrialState
 
 from charlm import config
 from charlm.data import Corpus, load_corpus
+from charlm.search import compute_step
 from charlm.space import suggest
 from charlm.storage import Session, artifact_store
 from charlm.tracking import MlflowTracker, ui_runs_url
@@ -42,6 +44,19 @@ def trial_state(result: RunResult) -> TrialState:
     return TrialState.COMPLETE
 
 
+def reporter(trial: optuna.Trial) -> Callable[[EvalEvent], StopReason | None]:
+    """The trainer's ``on_eval`` for a trial: report the best value so far at the evaluation's
+    compute step (training milliseconds: peers are compared at equal seconds) and ask the pruner."""
+    last: list[int | None] = [None]
+
+    def on_eval(ev: EvalEvent) -> StopReason | None:
+        last[0] = compute_step(ev.elapsed, last[0])
+        trial.report(ev.best_val_loss, last[0])  # best so far: a pruned trial's value is its best
+        return StopReason.PRUNED if trial.should_prune() else None
+
+    return on_eval
+
+
 def run_trial(session: Session, trial: optuna.Trial) -> TrialState:
     """Train one trial; an exception fails this trial only, Ctrl-C/SIGTERM re-queues it and stops."""
     spec, study = session.spec, session.study
@@ -59,15 +74,8 @@ def run_trial(session: Session, trial: optuna.Trial) -> TrialState:
         tracker.log_metrics({"trial_number": trial.number}, step=0)  # a metric, so the UI can chart by it
         if "retry_of" in trial.user_attrs:
             tracker.set_tags({"optuna.retry_of": trial.user_attrs["retry_of"]})
-        best = [math.inf]
-
-        def on_eval(ev: EvalEvent) -> StopReason | None:
-            best[0] = min(best[0], ev.val_loss)
-            trial.report(best[0], ev.step)  # best so far: a pruned trial's value is its best
-            return StopReason.PRUNED if trial.should_prune() else None
-
         with tracker:
-            result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), progress=False)
+            result = train(cfg, tracker, reporter(trial), corpus=corpus_for(cfg), progress=False)
             show_in_dashboard(trial, tracker, result, spec.study.name)
             state = _close_run(tracker, result)
         return _tell(study, trial, result, state)
@@ -105,7 +113,7 @@ def show_in_dashboard(trial: optuna.Trial, tracker: MlflowTracker, result: RunRe
         url = ui_runs_url(tracker.experiment_id, tracker.run_id)
         save_note(trial, f"MLflow run [{tracker.run_id}]({url}) (open with `make ui`)\n\n"
                          f"stop: {result.stop_reason} after {result.steps} steps; best val loss "
-                         f"{result.best_val_loss:.4f} nats/char; {result.n_params:,} parameters")
+                         f"{result.slice_val_loss:.4f} nats/char on the val slice; {result.n_params:,} parameters")
     except Exception as e:  # the trial's result stands without its dashboard extras
         print(f"trial {trial.number}: dashboard artifact/note skipped ({type(e).__name__}: {e})", file=sys.stderr)
 
@@ -114,7 +122,7 @@ def _close_run(tracker: MlflowTracker, result: RunResult) -> TrialState:
     state = trial_state(result)
     tracker.set_tags({"optuna.state": state.name})
     if state == TrialState.PRUNED:
-        tracker.set_tags({"prune_step": result.steps})
+        tracker.set_tags({"prune_step": result.steps, "prune_seconds": round(result.train_seconds, 3)})
         tracker.log_metrics({"prune_step": result.steps}, step=result.steps)
     elif state == TrialState.FAIL:
         tracker.end("FAILED")
@@ -122,14 +130,17 @@ def _close_run(tracker: MlflowTracker, result: RunResult) -> TrialState:
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult, state: TrialState) -> TrialState:
-    attrs = {"stop_reason": str(result.stop_reason), "steps": result.steps, "test_loss": result.test_loss,
-             "train_seconds": round(result.train_seconds, 3), "final_eval_seconds": round(result.final_eval_seconds, 3)}
+    """Every trial's value is its best intermediate evaluation (the val slice the pruner compared),
+    pruned or not: one protocol ranks them all. The full passes of a finished trial are attributes."""
+    attrs = {"stop_reason": str(result.stop_reason), "steps": result.steps, "full_val_loss": result.best_val_loss,
+             "test_loss": result.test_loss, "train_seconds": round(result.train_seconds, 3),
+             "final_eval_seconds": round(result.final_eval_seconds, 3)}
     if result.early_stop_step is not None:
         attrs["early_stop_step"] = result.early_stop_step
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     if state == TrialState.COMPLETE:
-        study.tell(trial, result.best_val_loss)
+        study.tell(trial, result.slice_val_loss)
     else:
         study.tell(trial, state=state)
     return state

@@ -1,7 +1,11 @@
 """How a study searches: the sampler that proposes trials and the pruner that stops them early.
 
 The patience pruner is the trainer's own patience rule (charlm/stopping.py) with the reference
-taken from other trials at the same step.
+taken from other trials at the same compute. Trials share a clock budget, so the compute axis is
+training seconds (the clock the budget spends, evaluations included): every intermediate value is
+reported at ``compute_step(elapsed)``, whole milliseconds, and every pruner compares trials there.
+At equal optimizer steps a small fast model would be judged against a large slow one that had
+used several times its seconds (docs/REPORT.md measures the spread of seconds per step).
 """
 
 from __future__ import annotations
@@ -74,6 +78,12 @@ def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     return PerTrialSeedSampler(s.seed, factory)
 
 
+def compute_step(elapsed: float, last: int | None = None) -> int:
+    """Where an evaluation sits on the compute axis: training milliseconds, strictly after ``last``."""
+    ms = int(round(elapsed * 1000))
+    return ms if last is None else max(ms, last + 1)
+
+
 def reference_value(values: list[float], how: str, percentile: float, direction: str) -> float:
     if how == "median":
         return float(np.median(values))
@@ -84,22 +94,23 @@ def reference_value(values: list[float], how: str, percentile: float, direction:
 
 
 class PatiencePruner(optuna.pruners.BasePruner):
-    """The trainer's patience rule with the reference taken from other trials at the same step.
+    """The trainer's patience rule with the reference taken from other trials at the same compute.
 
-    Each trial reports its best value so far at every evaluation step. At a step, the peers are
-    the finished trials (and, if they got that far, pruned ones) that reported at or before that
-    step; their value there is their best so far. With at least ``min_trials`` peers, the trial's
-    value is judged against ``reference`` of theirs with the trial's own ``patience`` and
-    ``min_relative_improvement`` (user attributes set by the objective). ``reference: self``
-    judges the trial against itself, which is exactly the trainer's early stop.
+    Each trial reports its best value so far at every evaluation, at its compute step (training
+    milliseconds, :func:`compute_step`). At a step, the peers are the finished trials (and, if they
+    got that far, pruned ones) that reported at or before it; their value there is their best so
+    far. With at least ``min_trials`` peers, the trial's value is judged against ``reference`` of
+    theirs with the trial's own ``patience`` and ``min_relative_improvement`` (user attributes set
+    by the objective). ``reference: self`` judges the trial against itself, which is exactly the
+    trainer's early stop.
     """
 
     def __init__(self, reference: str = "median", percentile: float = 50.0, min_trials: int = 3,
-                 warmup_steps: int = 0):
+                 warmup_seconds: float = 0.0):
         self.reference = reference
         self.percentile = percentile
         self.min_trials = min_trials
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = compute_step(warmup_seconds)
         self._state: dict[int, tuple[Patience, int]] = {}  # trial number -> (rule, last step seen)
 
     def _peers_at(self, study: optuna.Study, trial, step: int) -> list[float]:
@@ -143,24 +154,26 @@ class PatiencePruner(optuna.pruners.BasePruner):
         return fired
 
 
-def hyperband_max_resource(max_steps: int, max_minutes: float) -> int | str:
-    """The last step a full trial reaches. With a clock limit, ``max_steps`` is only a ceiling that
-    trials may never reach: sized for it, Hyperband's rungs sit too high and its largest bracket
-    never completes anyone. So let Optuna take it from the trials themselves ("auto": the last
-    step reported by the first completed trials), which is what the clock and the trial's own early
-    stop really allow."""
-    return "auto" if max_minutes > 0 else max_steps
+def hyperband_resources(max_minutes: float) -> tuple[int, int | str]:
+    """Hyperband's (min, max) resource on the compute axis. With a clock, every full trial reaches
+    the clock's milliseconds; the first rung is 1/27 of it (four rungs at Optuna's factor 3).
+    Without one, Optuna takes the top from the trials themselves ("auto": the last step reported
+    by the first completed trials) and the first rung is one second."""
+    if max_minutes > 0:
+        top = compute_step(max_minutes * 60)
+        return max(1, top // 27), top
+    return 1000, "auto"
 
 
-def make_pruner(spec: SweepSpec, max_steps: int, interval: int, max_minutes: float = 0.0) -> optuna.pruners.BasePruner:
+def make_pruner(spec: SweepSpec, max_minutes: float = 0.0) -> optuna.pruners.BasePruner:
     p = spec.pruner
     if p.type == "patience":
-        return PatiencePruner(p.reference, p.percentile, p.min_trials, p.warmup_steps)
+        return PatiencePruner(p.reference, p.percentile, p.min_trials, p.warmup_seconds)
     if p.type == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.min_trials, n_warmup_steps=p.warmup_steps)
+        return optuna.pruners.MedianPruner(n_startup_trials=p.min_trials, n_warmup_steps=compute_step(p.warmup_seconds))
     if p.type == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=interval)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=hyperband_resources(max_minutes)[0])
     if p.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=interval,
-                                              max_resource=hyperband_max_resource(max_steps, max_minutes))
+        low, top = hyperband_resources(max_minutes)
+        return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=top)
     return optuna.pruners.NopPruner()

@@ -148,7 +148,7 @@ def open_study(spec: SweepSpec, storage_url: str, create: bool = False) -> optun
     base = spec.base_config()
     storage = open_storage(storage_url)
     kw = dict(study_name=spec.study.name, storage=storage, sampler=make_sampler(spec),
-              pruner=make_pruner(spec, base.train.max_steps, base.train.validation_interval, base.train.max_minutes))
+              pruner=make_pruner(spec, base.train.max_minutes))
     if create:
         return optuna.create_study(direction=spec.study.direction, load_if_exists=True, **kw)
     try:

@@ -7,6 +7,7 @@ raised before any trial starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ class PrunerSpec:
     reference: str = "median"  # patience: median | percentile | best | self (peers' value at a step)
     percentile: float = 50.0  # reference=percentile: which percentile of the peers
     min_trials: int = 3  # peers needed at a step before a trial can be judged there
-    warmup_steps: int = 0  # no pruning before this step
+    warmup_seconds: float = 0.0  # no pruning before this many training seconds (the compute axis)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,8 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
         raise fail(path, "pruner.percentile", "a number in [0, 100]", pruner.percentile)
     if pruner.min_trials < 1:
         raise fail(path, "pruner.min_trials", "an integer >= 1", pruner.min_trials)
+    if not 0 <= pruner.warmup_seconds < math.inf:
+        raise fail(path, "pruner.warmup_seconds", "a number of seconds >= 0", pruner.warmup_seconds)
     best = _section(path, "best", doc.get("best"), BestSpec)
     if best.budget_multiplier <= 0:
         raise fail(path, "best.budget_multiplier", "a number > 0", best.budget_multiplier)

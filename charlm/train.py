@@ -29,8 +29,8 @@ from charlm.tracking import Tracker, git_commit
 
 @dataclass
 class RunResult:
-    best_val_loss: float  # full pass over val with the restored best weights
-    test_loss: float  # full pass over test with the same weights
+    best_val_loss: float  # full pass over val with the restored best weights (NaN when pruned: never made)
+    test_loss: float  # full pass over test with the same weights (NaN when pruned)
     best_step: int | None
     stop_reason: StopReason
     steps: int
@@ -43,6 +43,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     final_eval_seconds: float = 0.0  # the full passes over val and test after training
     mixture: dict = field(default_factory=dict)  # model.mix_order > 0: mix_weight, network_test_loss
+    slice_val_loss: float = math.nan  # the best intermediate evaluation: what a sweep ranks trials by
 
     @property
     def best_val_bpc(self) -> float:
@@ -148,8 +149,10 @@ def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float
     te = time.perf_counter()
     kept = state.best_state is not None  # None: diverged before the first evaluation, nothing to keep
     nothing = EvalResult(loss=math.nan, chars=0)
-    val, test, mixed = final_evaluation(run, state) if kept else (nothing, nothing, {})
-    final_eval_seconds = time.perf_counter() - te if kept else 0.0
+    # a pruned trial stops at once: the full passes would score weights nobody will use
+    tested = kept and reason is not StopReason.PRUNED
+    val, test, mixed = final_evaluation(run, state) if tested else (nothing, nothing, {})
+    final_eval_seconds = time.perf_counter() - te if tested else 0.0
     stop = state.stop
     early_stop_step = stop.stopped_at if reason is StopReason.EARLY_STOP else None
     final = {
@@ -158,6 +161,7 @@ def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float
         "stopped_early": float(reason is StopReason.EARLY_STOP), "train_seconds": train_seconds,
         "eval_seconds": state.eval_seconds, "eval_share": state.eval_seconds / max(train_seconds, 1e-9),
         "final_eval_seconds": final_eval_seconds, "steps": state.step, "fit_seconds": run.fit_seconds, **mixed,
+        "slice_val_loss": stop.best,
         **({"best_step": stop.best_step} if stop.best_step is not None else {}),
         **({"early_stop_step": early_stop_step} if early_stop_step is not None else {}),
     }
@@ -167,6 +171,7 @@ def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float
     tracker.flush()
     if kept:
         tracker.log_artifact(run.ckpt_path, "model")
+    if tested:
         _log_sample(run)
     if state.history:
         tracker.log_artifact(loss_curve(state.history, stop.best_step, early_stop_step,
@@ -175,7 +180,8 @@ def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float
         best_val_loss=val.loss, test_loss=test.loss, best_step=stop.best_step, stop_reason=reason,
         steps=state.step, early_stop_step=early_stop_step, train_seconds=train_seconds,
         eval_seconds=state.eval_seconds, n_params=run.n_params, checkpoint=run.ckpt_path if kept else None,
-        run_id=tracker.run_id, history=state.history, final_eval_seconds=final_eval_seconds, mixture=mixed)
+        run_id=tracker.run_id, history=state.history, final_eval_seconds=final_eval_seconds, mixture=mixed,
+        slice_val_loss=stop.best)
 
 
 def _log_sample(run: Run) -> None:

@@ -322,7 +322,7 @@ def test_a_trial_that_diverges_after_a_good_evaluation_completes_with_its_best_v
     assert trial_state(result) is TrialState.COMPLETE
     study = optuna.create_study()
     _tell(study, study.ask(), result, trial_state(result))
-    assert study.trials[0].state is TrialState.COMPLETE and study.trials[0].value == result.best_val_loss
+    assert study.trials[0].state is TrialState.COMPLETE and study.trials[0].value == result.slice_val_loss
     assert study.trials[0].user_attrs["stop_reason"] == "diverged"
 
 

@@ -1,6 +1,7 @@
 """Sweeps end to end: real Optuna journal storage, real worker processes, a real MLflow store."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,11 +16,15 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from charlm import config
+from charlm.loop import EvalEvent, StopReason
+from charlm.objective import reporter, trial_state
 from charlm.report import counted
-from charlm.search import PatiencePruner
+from charlm.search import PatiencePruner, compute_step
 from charlm.stopping import Patience
 from charlm.storage import open_storage
 from charlm.sweepfile import SweepError, load_sweep
+from charlm.tracking import NullTracker
+from charlm.train import train
 from helpers import PYTHON, ROOT, cli, free_port
 
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
@@ -168,6 +173,67 @@ def test_pruner_with_self_reference_stops_where_the_trainer_does(patience, mri):
     assert _prune_step(study, curve, patience, mri) == trainer_stop
 
 
+# Peers: fast models, one evaluation a second. The candidate is a slow model, one evaluation every
+# 2 s: evaluation for evaluation (equal steps) it leads them, second for second it trails.
+FAST_PEERS = [[3.0, 2.5, 2.2, 2.0, 1.9, 1.8], [3.1, 2.6, 2.3, 2.1, 2.0, 1.9]]
+SLOW = [(10, 2.0, 2.9), (20, 4.0, 2.45), (30, 6.0, 2.15)]  # (step, training seconds, val loss)
+
+
+def _judge_slow_model(axis: str):
+    """Where the slow candidate is pruned (its step), with peers and reports on ``axis``."""
+    study = optuna.create_study(pruner=PatiencePruner(reference="median", min_trials=2))
+    dist = optuna.distributions.FloatDistribution(0, 1)
+    for curve in FAST_PEERS:
+        at = {(compute_step(i) if axis == "seconds" else i * 10): v for i, v in enumerate(curve, start=1)}
+        study.add_trial(optuna.create_trial(state=TrialState.COMPLETE, value=min(curve), params={"x": 0.5},
+                                            distributions={"x": dist}, intermediate_values=at))
+    trial = study.ask()
+    trial.set_user_attr("patience", 2)
+    trial.set_user_attr("min_relative_improvement", 0.0)
+    on_eval = reporter(trial)
+    for step, seconds, loss in SLOW:
+        ev = EvalEvent(step=step, val_loss=loss, train_loss=loss, best_val_loss=loss, lr=1e-3,
+                       tokens_per_sec=1.0, elapsed=seconds if axis == "seconds" else step / 1000)
+        if on_eval(ev) is StopReason.PRUNED:
+            return step
+    return None
+
+
+def test_the_pruner_compares_a_trial_with_its_peers_at_equal_training_seconds():
+    assert _judge_slow_model("steps") is None  # at equal steps it leads: never pruned
+    # at equal seconds it trails the peers' median at 2 s (2.9 vs 2.55) and 4 s (2.45 vs 2.05):
+    # two misses, pruned at its second evaluation
+    assert _judge_slow_model("seconds") == 20
+
+
+def test_a_trial_out_of_its_own_patience_completes_even_when_the_pruner_fires_too(tiny_cfg):
+    # min_relative_improvement 0.9: no evaluation after the first improves, so with patience 1 the
+    # trainer stops at the second evaluation; a `reference: self` pruner fires at that same one
+    cfg = config.override(tiny_cfg, {"train.patience": 1, "train.min_relative_improvement": 0.9}, where="test")
+    mirror = Patience(1, 0.9)
+    pruned_at = []
+
+    def pruner_fires(ev):
+        if mirror.update(ev.step, ev.val_loss):
+            pruned_at.append(ev.step)
+            return StopReason.PRUNED
+        return None
+
+    result = train(cfg, NullTracker(), pruner_fires, progress=False)
+    assert pruned_at == [20] and result.early_stop_step == 20
+    assert result.stop_reason is StopReason.EARLY_STOP and trial_state(result) is TrialState.COMPLETE
+
+
+def test_a_pruned_trial_stops_at_once_without_full_passes(tiny_cfg):
+    tracker = NullTracker()
+    result = train(tiny_cfg, tracker, lambda ev: StopReason.PRUNED if ev.step == 20 else None, progress=False)
+    assert result.stop_reason is StopReason.PRUNED and trial_state(result) is TrialState.PRUNED
+    assert math.isnan(result.best_val_loss) and math.isnan(result.test_loss) and result.final_eval_seconds == 0
+    assert result.slice_val_loss == min(h["val_loss"] for h in result.history)  # the value it is ranked by
+    assert "test_loss" not in tracker.metrics and "sample.txt" not in tracker.artifacts
+    assert {s for s, _ in tracker.metrics["train_seconds"]} == {10, 20}  # the compute axis beside each step
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -206,12 +272,14 @@ def test_two_workers_optuna_and_mlflow_agree(smoke_sweep):
         for key, value in t.params.items():
             assert run.data.params[key] == str(config.override(base, {key: value}, "t").__getattribute__(
                 key.split(".")[0]).__getattribute__(key.split(".")[1]))
+        # one protocol ranks them all: the best intermediate evaluation on the val slice
+        assert t.value == min(t.intermediate_values.values()) == pytest.approx(run.data.metrics["slice_val_loss"])
         if t.state == TrialState.PRUNED:
             assert run.data.tags["stop_reason"] == "pruned"
-            assert int(run.data.tags["prune_step"]) == t.last_step
-            assert t.value == min(t.intermediate_values.values())  # its best, not its last
+            assert int(run.data.tags["prune_step"]) == t.user_attrs["steps"]
+            assert "test_loss" not in run.data.metrics  # stopped at once: no full passes
         else:
-            assert run.data.metrics["best_val_loss"] == pytest.approx(t.value)
+            assert run.data.metrics["best_val_loss"] == pytest.approx(t.user_attrs["full_val_loss"])
     # the n-gram floor is logged once, beside the trials, in the same experiment
     baselines = [x for x in runs if x.data.tags.get("charlm.role") == "baseline"]
     assert len(baselines) == 1 and baselines[0].data.params["model.kind"] == "ngram"
@@ -293,26 +361,27 @@ def test_runs_carry_lineage_and_the_dashboard_shows_curve_and_mlflow_link(smoke_
         assert f"/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning)" in note
 
 
-def test_hyperband_sizes_its_rungs_by_the_steps_trials_really_reach():
+def test_hyperband_sizes_its_rungs_by_the_compute_trials_really_reach():
     from dataclasses import replace
 
     from charlm.search import make_pruner
 
     spec = load_sweep(SMOKE)
     spec = replace(spec, pruner=replace(spec.pruner, type="hyperband"))
-    assert make_pruner(spec, 3000, 100)._max_resource == 3000  # no clock: every full trial reaches max_steps
-    pruner = make_pruner(spec, 3000, 100, max_minutes=5.0)  # a clock: max_steps is only a ceiling
+    clocked = make_pruner(spec, max_minutes=5.0)  # a clock: every full trial reaches 300 s
+    assert (clocked._min_resource, clocked._max_resource) == (300_000 // 27, 300_000)
+    pruner = make_pruner(spec)  # no clock: the top is what the first completed trials reached
     study = optuna.create_study(pruner=pruner)
-    for _ in range(2):  # the clock stopped each trial at step 700
+    for _ in range(2):  # each trial stopped after 7 s of training
         trial = study.ask()
-        for step in range(100, 800, 100):
-            trial.report(1.0, step)
+        for ms in range(1000, 8000, 1000):
+            trial.report(1.0, ms)
             trial.should_prune()
         study.tell(trial, 1.0)
     trial = study.ask()
-    trial.report(1.0, 100)
+    trial.report(1.0, 1000)
     trial.should_prune()
-    assert pruner._max_resource == 701  # Optuna's "auto": the last step completed trials reached, plus one
+    assert pruner._max_resource == 7001  # Optuna's "auto": the last step completed trials reached, plus one
 
 
 def test_dashboard_serves_the_study_on_loopback(smoke_sweep):
