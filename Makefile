@@ -67,6 +67,9 @@ test-slow: $(STAMP) ## the long tests (full trainings, process kills, the UI in 
 test-pg: $(STAMP) ## scale-out test: a throwaway PostgreSQL, an MLflow server, two workers, one killed
 	$(PY) -m pytest -q -s -m pg
 
+bench-search: $(STAMP) ## asha vs fixed-budget patience vs Hyperband, same space and wall clock (MINUTES=12 each)
+	$(PY) bench/search.py --minutes $(or $(MINUTES),12)
+
 bench: $(STAMP) ## speed vs matmul peak and a plain PyTorch baseline, eval share, memory; sweep load (trials/min, overhead)
 	$(PY) bench/speed.py
 	$(PY) bench/sweep_load.py
@@ -94,4 +97,4 @@ clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install lint sweep best train sample eval test test-slow test-pg bench report dashboard ui server serve clean
+.PHONY: help install lint sweep best train sample eval test test-slow test-pg bench bench-search report dashboard ui server serve clean

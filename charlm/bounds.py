@@ -86,6 +86,7 @@ BOUNDS: dict[str, Bound] = {
     "train.batch_size": _POSITIVE,
     "train.lr": Bound(low=0, low_open=True),
     "train.min_lr_ratio": Bound(low=0, high=1),
+    "train.decay_fraction": Bound(low=0, high=1, low_open=True),
     "train.warmup_steps": _COUNT,
     "train.weight_decay": Bound(low=0),
     "train.beta1": _UNIT_OPEN,  # AdamW refuses 1.0

@@ -56,7 +56,8 @@ class TrainConfig:
     batch_size: int = 32  # sequences per step
     lr: float = 2e-3  # peak AdamW learning rate; small char models take a high one
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio at max_steps
-    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay), after warmup
+    decay_fraction: float = 0.2  # wsd: the last fraction of the budget decays linearly to the floor
     warmup_steps: int = 100  # linear warmup from 0; avoids early blow-ups with Adam
     weight_decay: float = 0.1  # applied to matrices only, never to biases or norms
     beta1: float = 0.9  # AdamW first-moment decay
@@ -88,7 +89,7 @@ CHOICES = {
     "model.kind": ("gpt", "ff", "ngram"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
-    "train.schedule": ("cosine", "linear", "constant"),
+    "train.schedule": ("cosine", "linear", "constant", "wsd"),
 }
 
 

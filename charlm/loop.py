@@ -37,6 +37,7 @@ class StopReason(StrEnum):
     DIVERGED = "diverged"  # loss not finite, or above twice a uniform guess
     FITTED = "fitted"  # a count model: nothing to optimise
     PRUNED = "pruned"  # on_eval said so (the sweep's pruner)
+    RUNG_END = "rung_end"  # the sweep's rung budget (``until``) is spent: promote or pause (charlm/promotion.py)
     INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
     ERROR = "error"  # an exception (set by the sweep on the trial's run)
 
@@ -127,8 +128,9 @@ class TrainState:
 class Loop:
     """The optimisation loop over one :class:`Run`, changing only its :class:`TrainState`."""
 
-    def __init__(self, run: Run, state: TrainState, on_eval, state_path: Path | None):
+    def __init__(self, run: Run, state: TrainState, on_eval, state_path: Path | None, until: float | None = None):
         self.run, self.state, self.on_eval, self.state_path = run, state, on_eval, state_path
+        self.until = until  # training seconds at which this rung ends (a sweep's promotion), or None
         self.t0 = time.perf_counter() - state.elapsed  # the clock budget and the schedule carry on
         self.train_losses: list[float] = []
         self.window = (time.perf_counter(), 0)  # (since, tokens) for tokens/s between evaluations
@@ -159,13 +161,33 @@ class Loop:
                     return StopReason.DIVERGED
                 bar.advance()
                 out_of_time = t.max_minutes > 0 and self.elapsed() >= t.max_minutes * 60
-                if state.step % t.validation_interval == 0 or state.step == t.max_steps or out_of_time:
+                rung_end = self.until is not None and self.elapsed() >= self.until
+                if state.step % t.validation_interval == 0 or state.step == t.max_steps or out_of_time or rung_end:
                     reason = self.after_evaluation(lr, bar, out_of_time)
                     if reason is not None:
                         return reason
+                    if rung_end:
+                        return StopReason.RUNG_END
             return StopReason.MAX_STEPS
         finally:
             bar.close()
+
+    def preview(self) -> float:
+        """The val-slice loss of a copy whose learning rate decays to the floor over the last
+        ``decay_fraction`` of as many steps again; the run then carries on from the state saved at
+        this evaluation, as if the copy had never trained (its seconds are not on the clock)."""
+        run, state, t = self.run, self.state, self.run.cfg.train
+        step, lr, floor = state.step, lr_at(state.step, run.cfg, self.elapsed()), t.lr * t.min_lr_ratio
+        n = max(1, round(t.decay_fraction * step))
+        for i in range(1, n + 1):
+            if not self.step(lr + (floor - lr) * i / n):
+                break
+        loss = run.score(run.corpus.val[: t.eval_chars] if t.eval_chars else run.corpus.val, run.amp).loss
+        if TrainState.load(self.state_path, run) is None:  # model, optimizer and RNGs as saved
+            raise RuntimeError(f"cannot restore the state saved at {self.state_path} after a preview")
+        state.step = step
+        self.train_losses.clear()
+        return loss if math.isfinite(loss) else math.inf
 
     def step(self, lr: float) -> bool:
         """One optimizer update; False (and no update) when the loss is not finite."""

@@ -7,14 +7,14 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-from charlm import config
+from charlm import config, promotion
 from charlm.data import Corpus, load_corpus
+from charlm.promotion import rung_budgets
 from charlm.search import compute_step
 from charlm.space import suggest
 from charlm.storage import Session, artifact_store
@@ -44,48 +44,95 @@ def trial_state(result: RunResult) -> TrialState:
     return TrialState.COMPLETE
 
 
-def reporter(trial: optuna.Trial) -> Callable[[EvalEvent], StopReason | None]:
+class Reporter:
     """The trainer's ``on_eval`` for a trial: report the best value so far at the evaluation's
-    compute step (training milliseconds: peers are compared at equal seconds) and ask the pruner."""
-    last: list[int | None] = [None]
+    compute step (training milliseconds: peers are compared at equal seconds) and ask the pruner.
+    A promoted trial's reporter carries on from what the trial reported before."""
 
-    def on_eval(ev: EvalEvent) -> StopReason | None:
-        last[0] = compute_step(ev.elapsed, last[0])
-        trial.report(ev.best_val_loss, last[0])  # best so far: a pruned trial's value is its best
-        return StopReason.PRUNED if trial.should_prune() else None
+    def __init__(self, trial: optuna.Trial, before: optuna.trial.FrozenTrial | None = None):
+        values = before.intermediate_values if before is not None else {}
+        self.trial, self.best = trial, min(values.values(), default=math.inf)
+        self.last: int | None = max(values, default=None)
 
-    return on_eval
+    def report(self, value: float, elapsed: float | None = None) -> None:
+        """``elapsed`` None: just after the last report (a rung's preview of the same moment)."""
+        self.best = min(self.best, value)
+        self.last = compute_step(elapsed, self.last) if elapsed is not None else (self.last or 0) + 1
+        self.trial.report(self.best, self.last)
+
+    def __call__(self, ev: EvalEvent) -> StopReason | None:
+        self.report(ev.best_val_loss, ev.elapsed)  # best so far: a pruned trial's value is its best
+        return StopReason.PRUNED if self.trial.should_prune() else None
 
 
-def run_trial(session: Session, trial: optuna.Trial) -> TrialState:
-    """Train one trial; an exception fails this trial only, Ctrl-C/SIGTERM re-queues it and stops."""
+def climb(session: Session, trial: optuna.Trial, cfg: config.Config, tracker: MlflowTracker,
+          before: optuna.trial.FrozenTrial | None) -> tuple[RunResult, Reporter] | None:
+    """ASHA (charlm/promotion.py): train rung after rung while the trial ranks in the top fraction
+    of its rung; None when it pauses, its state kept with its MLflow run for whoever promotes it."""
+    p, storage = session.spec.pruner, session.study._storage
+    budgets = rung_budgets(p.min_seconds, p.reduction_factor, cfg.train.max_minutes * 60)
+    k = 0 if before is None else before.system_attrs[promotion.RUNG] + 1
+    state_path = tracker.download(promotion.STATE_ARTIFACT) if before is not None else \
+        tracker.workdir / Path(promotion.STATE_ARTIFACT).name
+    on_eval = Reporter(trial, before)
+    while True:
+        top = k == len(budgets) - 1
+        result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), state_path=state_path, progress=False,
+                       until=None if top else budgets[k], continued=k > 0)
+        if result.stop_reason is not StopReason.RUNG_END:
+            return result, on_eval  # the top rung's end, its own patience, divergence
+        on_eval.report(result.rung_value)
+        tracker.log_metrics({"rung": k}, step=result.steps)  # rung_value is among the result's metrics
+        tracker.log_artifact(state_path, str(Path(promotion.STATE_ARTIFACT).parent))  # any host can go on from here
+        storage.set_trial_system_attr(trial._trial_id, promotion.rung_key(k), result.rung_value)
+        storage.set_trial_system_attr(trial._trial_id, promotion.RUNG, k)
+        for key, v in {"steps": result.steps, "train_seconds": round(result.train_seconds, 3)}.items():
+            trial.set_user_attr(key, v)  # where it stands, should it pause here for good
+        if not promotion.promotable(session.study.get_trials(deepcopy=False), k, trial.number, p.reduction_factor):
+            storage.set_trial_system_attr(trial._trial_id, promotion.PAUSED, True)
+            tracker.set_tags({"optuna.state": "PAUSED", "rung": k})
+            return None
+        k += 1
+
+
+def run_trial(session: Session, trial: optuna.Trial, before: optuna.trial.FrozenTrial | None = None) -> TrialState | None:
+    """Train one trial (``before``: a paused trial promoted, continued from its state); None when it
+    pauses at a rung. An exception fails this trial only; Ctrl-C/SIGTERM re-queues it and stops."""
     spec, study = session.spec, session.study
     tracker = None
     try:
         cfg = spec.trial_config(suggest(trial, spec), trial.number)
-        for key in ("patience", "min_relative_improvement", "validation_interval"):
-            trial.set_user_attr(key, getattr(cfg.train, key))  # the pruner applies the trial's own rule
-        tracker = MlflowTracker(spec.study.name, cfg.name, parent_run_id=session.parent_run_id, tags={
-            "optuna.study_name": spec.study.name, "optuna.trial_number": str(trial.number),
-            "mlflow.note.content": f"Trial {trial.number} of Optuna study '{spec.study.name}' "
-            f"({Path(spec.path).name}): a {cfg.model.kind} with the sampled parameters, seed {cfg.train.seed}; "
-            "a child of the study's run."})
-        trial.set_user_attr("mlflow_run_id", tracker.run_id)
-        tracker.log_metrics({"trial_number": trial.number}, step=0)  # a metric, so the UI can chart by it
-        if "retry_of" in trial.user_attrs:
-            tracker.set_tags({"optuna.retry_of": trial.user_attrs["retry_of"]})
+        if before is not None:
+            tracker = MlflowTracker(spec.study.name, run_id=before.user_attrs["mlflow_run_id"])
+        else:
+            for key in ("patience", "min_relative_improvement", "validation_interval"):
+                trial.set_user_attr(key, getattr(cfg.train, key))  # the pruner applies the trial's own rule
+            tracker = new_run(session, trial, cfg)
         with tracker:
-            result = train(cfg, tracker, reporter(trial), corpus=corpus_for(cfg), progress=False)
+            if spec.pruner.type == "asha":
+                climbed = climb(session, trial, cfg, tracker, before)
+                if climbed is None:
+                    return None
+                result, on_eval = climbed
+            else:
+                on_eval = Reporter(trial)
+                result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), progress=False)
             show_in_dashboard(trial, tracker, result, spec.study.name)
             state = _close_run(tracker, result)
-        return _tell(study, trial, result, state)
+        return _tell(study, trial, result, state, on_eval.best)
     except (KeyboardInterrupt, SystemExit):
-        # interrupted, not broken: fail it and queue the same parameters for the next call
+        # interrupted, not broken: a trial past a rung pauses there (the next call goes on from its
+        # saved state); any other fails and its parameters are queued for the next call
         with contextlib.suppress(Exception):
-            study.tell(trial, state=TrialState.FAIL)
-            requeue(study, study.trials[trial.number])
-            if tracker is not None:
-                tracker.set_tags({"optuna.state": "FAIL", "stop_reason": StopReason.INTERRUPTED})
+            if promotion.RUNG in study._storage.get_trial(trial._trial_id).system_attrs:
+                study._storage.set_trial_system_attr(trial._trial_id, promotion.PAUSED, True)
+                if tracker is not None:
+                    tracker.set_tags({"optuna.state": "PAUSED", "stop_reason": StopReason.INTERRUPTED})
+            else:
+                study.tell(trial, state=TrialState.FAIL)
+                requeue(study, study.trials[trial.number])
+                if tracker is not None:
+                    tracker.set_tags({"optuna.state": "FAIL", "stop_reason": StopReason.INTERRUPTED})
         raise
     except Exception as e:  # one broken trial never stops the sweep; the reason stays on its run
         message = f"{type(e).__name__}: {e}"
@@ -98,6 +145,21 @@ def run_trial(session: Session, trial: optuna.Trial) -> TrialState:
         with contextlib.suppress(Exception):
             study.tell(trial, state=TrialState.FAIL)
         return TrialState.FAIL
+
+
+def new_run(session: Session, trial: optuna.Trial, cfg: config.Config) -> MlflowTracker:
+    """The trial's MLflow run: a child of the study's run, its id kept on the trial."""
+    spec = session.spec
+    tracker = MlflowTracker(spec.study.name, cfg.name, parent_run_id=session.parent_run_id, tags={
+        "optuna.study_name": spec.study.name, "optuna.trial_number": str(trial.number),
+        "mlflow.note.content": f"Trial {trial.number} of Optuna study '{spec.study.name}' "
+        f"({Path(spec.path).name}): a {cfg.model.kind} with the sampled parameters, seed {cfg.train.seed}; "
+        "a child of the study's run."})
+    trial.set_user_attr("mlflow_run_id", tracker.run_id)
+    tracker.log_metrics({"trial_number": trial.number}, step=0)  # a metric, so the UI can chart by it
+    if "retry_of" in trial.user_attrs:
+        tracker.set_tags({"optuna.retry_of": trial.user_attrs["retry_of"]})
+    return tracker
 
 
 def show_in_dashboard(trial: optuna.Trial, tracker: MlflowTracker, result: RunResult, study: str) -> None:
@@ -129,9 +191,11 @@ def _close_run(tracker: MlflowTracker, result: RunResult) -> TrialState:
     return state
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult, state: TrialState) -> TrialState:
-    """Every trial's value is its best intermediate evaluation (the val slice the pruner compared),
-    pruned or not: one protocol ranks them all. The full passes of a finished trial are attributes."""
+def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult, state: TrialState,
+          value: float | None = None) -> TrialState:
+    """Every trial's value is its best intermediate evaluation (the val slice the pruner compared,
+    ``value`` when its reports went beyond this result's), pruned or not: one protocol ranks them
+    all. The full passes of a finished trial are attributes."""
     attrs = {"stop_reason": str(result.stop_reason), "steps": result.steps, "full_val_loss": result.best_val_loss,
              "test_loss": result.test_loss, "train_seconds": round(result.train_seconds, 3),
              "final_eval_seconds": round(result.final_eval_seconds, 3)}
@@ -140,7 +204,7 @@ def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult, state: Tr
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     if state == TrialState.COMPLETE:
-        study.tell(trial, result.slice_val_loss)
+        study.tell(trial, result.slice_val_loss if value is None else min(value, result.slice_val_loss))
     else:
         study.tell(trial, state=state)
     return state

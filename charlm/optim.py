@@ -14,7 +14,10 @@ def lr_at(step: int, cfg: Config, elapsed: float = 0.0) -> float:
 
     1. linear warmup from 0 over ``warmup_steps`` (avoids early blow-ups with Adam);
     2. then decay to ``lr * min_lr_ratio`` along whichever budget runs out first: with
-       ``max_minutes`` set, a run cut by the clock still ends at the low learning rate.
+       ``max_minutes`` set, a run cut by the clock still ends at the low learning rate;
+    3. ``wsd`` holds the peak until the last ``decay_fraction`` of the budget, then decays
+       linearly: how far the run goes does not change its learning rate before that, so a
+       partial run decayed from a copy (``Loop.preview``) is a fair preview of a longer one.
     """
     t = cfg.train
     if step < t.warmup_steps:
@@ -28,6 +31,8 @@ def lr_at(step: int, cfg: Config, elapsed: float = 0.0) -> float:
         return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * progress))
     if t.schedule == "linear":
         return t.lr - (t.lr - floor) * progress
+    if t.schedule == "wsd":
+        return t.lr - (t.lr - floor) * max(0.0, progress - (1 - t.decay_fraction)) / t.decay_fraction
     return t.lr
 
 

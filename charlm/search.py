@@ -176,4 +176,4 @@ def make_pruner(spec: SweepSpec, max_minutes: float = 0.0) -> optuna.pruners.Bas
     if p.type == "hyperband":
         low, top = hyperband_resources(max_minutes)
         return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=top)
-    return optuna.pruners.NopPruner()
+    return optuna.pruners.NopPruner()  # none, or asha: promotion is the workers' (charlm/promotion.py)

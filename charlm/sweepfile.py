@@ -18,7 +18,7 @@ from charlm.config import ConfigError, is_int, is_number
 from charlm.space import Param, SweepError, check_corners, config_key, fail, parse_space, suggest, unknown
 
 SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("patience", "median", "successive_halving", "hyperband", "none")
+PRUNERS = ("patience", "median", "successive_halving", "hyperband", "asha", "none")
 REFERENCES = ("median", "percentile", "best", "self")
 
 
@@ -42,11 +42,13 @@ class SamplerSpec:
 
 @dataclass(frozen=True)
 class PrunerSpec:
-    type: str = "patience"  # patience | median | successive_halving | hyperband | none
+    type: str = "patience"  # patience | median | successive_halving | hyperband | asha | none
     reference: str = "median"  # patience: median | percentile | best | self (peers' value at a step)
     percentile: float = 50.0  # reference=percentile: which percentile of the peers
     min_trials: int = 3  # peers needed at a step before a trial can be judged there
     warmup_seconds: float = 0.0  # no pruning before this many training seconds (the compute axis)
+    min_seconds: float = 0.0  # asha: the shortest rung may be no shorter (rungs: the clock / factor**k)
+    reduction_factor: int = 3  # asha: each rung is this many times longer; its best 1/this go on
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,25 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
     spec = SweepSpec(path=path, study=study, sampler=sampler, pruner=pruner, base=base,
                      fixed=dict(fixed), space=space, best=best, baseline=baseline)
     _split_stays(spec)
+    _rungs_fit(spec)
     check_corners(spec)
     return spec
+
+
+def _rungs_fit(spec: SweepSpec) -> None:
+    """ASHA's rungs are seconds of the trial's clock: a clock, and a first rung shorter than it."""
+    p, path = spec.pruner, spec.path
+    if p.type != "asha":
+        return
+    if p.reduction_factor < 2:
+        raise fail(path, "pruner.reduction_factor", "an integer >= 2", p.reduction_factor)
+    if any(q.key == "train.max_minutes" for q in spec.space):
+        raise fail(path, "space.train.max_minutes", "left out of the space: asha's top rung is the clock, the same "
+                   "for every trial", "a range")
+    top = spec.base_config().train.max_minutes * 60
+    if not 0 < p.min_seconds < top:
+        raise fail(path, "pruner.min_seconds", f"a number of seconds > 0 and below the trials' clock ({top:g} s, "
+                   "train.max_minutes in fixed or the base experiment)", p.min_seconds)
 
 
 SPLIT_KEYS = ("data.path", "data.test_fraction")  # what decides the test split

@@ -128,17 +128,22 @@ class MlflowTracker:
     """
 
     def __init__(self, experiment: str, run_name: str = "", parent_run_id: str | None = None,
-                 tags: dict[str, str] | None = None, uri: str | None = None):
+                 tags: dict[str, str] | None = None, uri: str | None = None, run_id: str | None = None):
+        """A new run, or with ``run_id`` the same run reopened (a promoted trial continues its curve)."""
         from mlflow.tracking import MlflowClient  # slow import; only real runs pay it
 
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = get_or_create_experiment(experiment, self.uri, self.client)
-        all_tags = source_tags()
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        all_tags.update(tags or {})
-        run = self.client.create_run(self.experiment_id, run_name=run_name or None, tags=all_tags)
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
+            run = self.client.get_run(run_id)
+        else:
+            all_tags = source_tags()
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            all_tags.update(tags or {})
+            run = self.client.create_run(self.experiment_id, run_name=run_name or None, tags=all_tags)
         self.run_id = run.info.run_id
         self._artifact_uri = run.info.artifact_uri
         self._buffer: list = []
@@ -197,6 +202,10 @@ class MlflowTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def download(self, artifact_path: str) -> Path:
+        """One of this run's artifacts, copied into the scratch folder (from any host)."""
+        return Path(self.client.download_artifacts(self.run_id, artifact_path, str(self.workdir)))
 
     def artifact_uri(self, artifact_path: str) -> str:
         """Where an artifact of this run lives, as a local path when the store is local."""

@@ -44,6 +44,7 @@ class RunResult:
     final_eval_seconds: float = 0.0  # the full passes over val and test after training
     mixture: dict = field(default_factory=dict)  # model.mix_order > 0: mix_weight, network_test_loss
     slice_val_loss: float = math.nan  # the best intermediate evaluation: what a sweep ranks trials by
+    rung_value: float = math.nan  # stopped at a rung's end: the val-slice loss of a decayed copy (Loop.preview)
 
     @property
     def best_val_bpc(self) -> float:
@@ -86,12 +87,15 @@ def log_params(run: Run) -> None:
     tracker.log_artifact(tracker.workdir / "config.yaml")
 
 
-def resume(run: Run, state_path: Path | None) -> TrainState:
-    """The saved state when it matches this config (its curve re-logged from step 0), else a fresh one."""
+def resume(run: Run, state_path: Path | None, continued: bool = False) -> TrainState:
+    """The saved state when it matches this config, else a fresh one. Its curve is re-logged from
+    step 0 in a new run; a ``continued`` run (a promoted trial) already has it."""
     fresh = TrainState(Patience(run.cfg.train.patience, run.cfg.train.min_relative_improvement))
     state = TrainState.load(state_path, run) if run.optimizer is not None else None
     if state is None:
         return fresh
+    if continued:
+        return state
     for row in state.history:
         run.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
     run.tracker.set_tags({"resumed_from_step": str(state.step)})
@@ -100,16 +104,22 @@ def resume(run: Run, state_path: Path | None) -> TrainState:
 
 
 def train(cfg: Config, tracker: Tracker, on_eval: Callable[[EvalEvent], StopReason | None] | None = None,
-          corpus: Corpus | None = None, state_path: Path | None = None, progress: bool = True) -> RunResult:
+          corpus: Corpus | None = None, state_path: Path | None = None, progress: bool = True,
+          until: float | None = None, continued: bool = False) -> RunResult:
+    """``until``: stop at that many training seconds, keeping the state at ``state_path`` (a
+    sweep's rung); ``continued``: carry on from that state in the same run (a promoted trial)."""
     run = setup(cfg, tracker, corpus)
-    log_params(run)
-    state = resume(run, state_path)
-    loop = Loop(run, state, on_eval, state_path)
+    if not continued:
+        log_params(run)
+    state = resume(run, state_path, continued)
+    loop = Loop(run, state, on_eval, state_path, until)
     try:
         reason = loop.until_stop(progress)
     except (KeyboardInterrupt, SystemExit):
         keep_interrupted(run, state)
         raise
+    if reason is StopReason.RUNG_END:
+        return finish(run, state, reason, loop.elapsed(), rung_value=loop.preview())
     if state_path is not None:  # finished: nothing left to resume
         Path(state_path).unlink(missing_ok=True)
     return finish(run, state, reason, loop.elapsed())
@@ -144,13 +154,14 @@ def final_evaluation(run: Run, state: TrainState) -> tuple[EvalResult, EvalResul
     return val, test, mixed
 
 
-def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float) -> RunResult:
+def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float,
+           rung_value: float = math.nan) -> RunResult:
     """The final full passes, the run's final metrics, tags and artifacts, and the result."""
     te = time.perf_counter()
     kept = state.best_state is not None  # None: diverged before the first evaluation, nothing to keep
     nothing = EvalResult(loss=math.nan, chars=0)
-    # a pruned trial stops at once: the full passes would score weights nobody will use
-    tested = kept and reason is not StopReason.PRUNED
+    # pruned, or paused at a rung: the full passes would score weights nobody may use
+    tested = kept and reason not in (StopReason.PRUNED, StopReason.RUNG_END)
     val, test, mixed = final_evaluation(run, state) if tested else (nothing, nothing, {})
     final_eval_seconds = time.perf_counter() - te if tested else 0.0
     stop = state.stop
@@ -161,7 +172,8 @@ def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float
         "stopped_early": float(reason is StopReason.EARLY_STOP), "train_seconds": train_seconds,
         "eval_seconds": state.eval_seconds, "eval_share": state.eval_seconds / max(train_seconds, 1e-9),
         "final_eval_seconds": final_eval_seconds, "steps": state.step, "fit_seconds": run.fit_seconds, **mixed,
-        "slice_val_loss": stop.best,
+        "slice_val_loss": min(stop.best, rung_value) if math.isfinite(rung_value) else stop.best,
+        **({"rung_value": rung_value} if math.isfinite(rung_value) else {}),
         **({"best_step": stop.best_step} if stop.best_step is not None else {}),
         **({"early_stop_step": early_stop_step} if early_stop_step is not None else {}),
     }
@@ -181,7 +193,7 @@ def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float
         steps=state.step, early_stop_step=early_stop_step, train_seconds=train_seconds,
         eval_seconds=state.eval_seconds, n_params=run.n_params, checkpoint=run.ckpt_path if kept else None,
         run_id=tracker.run_id, history=state.history, final_eval_seconds=final_eval_seconds, mixture=mixed,
-        slice_val_loss=stop.best)
+        slice_val_loss=final["slice_val_loss"], rung_value=rung_value)
 
 
 def _log_sample(run: Run) -> None:

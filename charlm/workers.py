@@ -29,7 +29,9 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from charlm import promotion
 from charlm.objective import requeue, run_trial
+from charlm.promotion import close_paused, is_paused, next_promotion
 from charlm.report import SweepProgress, counted, refresh_summary, target_trials
 from charlm.storage import Session, study_lock
 from charlm.tracking import tracking_uri
@@ -67,8 +69,11 @@ def _pid_alive(pid: int) -> bool:
 
 def _is_stale(session: Session, t: optuna.trial.FrozenTrial, now: float) -> bool:
     """Dead: its pid is gone (same host), or its heartbeat has not moved for the timeout, timed by
-    this process's monotonic clock from the moment it first saw that heartbeat value."""
+    this process's monotonic clock from the moment it first saw that heartbeat value. A paused
+    trial (charlm/promotion.py) has no worker and is never stale."""
     attrs = t.system_attrs
+    if is_paused(t):
+        return False
     if attrs.get("charlm.host_id") == HOST_ID and "charlm.pid" in attrs and not _pid_alive(int(attrs["charlm.pid"])):
         return True
     beat = attrs.get("charlm.beat")
@@ -92,7 +97,8 @@ def _fail_if_running(storage, trial_id: int) -> bool:
         return False
 
 
-def _close_dead_run(t: optuna.trial.FrozenTrial) -> None:
+def _close_dead_run(t: optuna.trial.FrozenTrial, paused: bool = False) -> None:
+    """The dead worker's MLflow run: FAILED, or PAUSED (FINISHED) when the trial goes on elsewhere."""
     from mlflow.tracking import MlflowClient
 
     run_id = t.user_attrs.get("mlflow_run_id")
@@ -101,10 +107,22 @@ def _close_dead_run(t: optuna.trial.FrozenTrial) -> None:
     client = MlflowClient(tracking_uri())
     attrs = t.system_attrs
     with contextlib.suppress(Exception):
-        client.set_tag(run_id, "optuna.state", "FAIL")
-        client.set_tag(run_id, "stop_reason", "error")
+        client.set_tag(run_id, "optuna.state", "PAUSED" if paused else "FAIL")
         client.set_tag(run_id, "error", f"worker pid {attrs.get('charlm.pid')} on {attrs.get('charlm.host')} died")
-        client.set_terminated(run_id, status="FAILED")
+        if not paused:
+            client.set_tag(run_id, "stop_reason", "error")
+        client.set_terminated(run_id, status="FINISHED" if paused else "FAILED")
+
+
+def _close_paused(session: Session) -> None:
+    """Nothing trains and nothing can be promoted: the paused trials end PRUNED, and their runs say so."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    for t in close_paused(session.study):
+        with contextlib.suppress(Exception):
+            client.set_tag(t.user_attrs["mlflow_run_id"], "optuna.state", "PRUNED")
+            client.set_tag(t.user_attrs["mlflow_run_id"], "stop_reason", "pruned")
 
 
 def fail_dead_trials(session: Session) -> list[int]:
@@ -115,7 +133,13 @@ def fail_dead_trials(session: Session) -> list[int]:
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     dead = []
     for t in running:
-        if _is_stale(session, t, now) and _fail_if_running(storage, t._trial_id):
+        if not _is_stale(session, t, now):
+            continue
+        if promotion.RUNG in t.system_attrs:  # past a rung: its state is saved; it goes on from there
+            storage.set_trial_system_attr(t._trial_id, promotion.PAUSED, True)
+            _close_dead_run(t, paused=True)
+            dead.append(t.number)
+        elif _fail_if_running(storage, t._trial_id):
             dead.append(t.number)
             t = storage.get_trial(t._trial_id)
             _close_dead_run(t)
@@ -131,7 +155,8 @@ class Heartbeat:
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial, every: float = HEARTBEAT_SECONDS):
         self.storage, self.trial_id, self.every = study._storage, trial._trial_id, every
-        self.count = 0
+        # a promoted trial counts on from its last worker's beats: observers never see an old value again
+        self.count = int(self.storage.get_trial(self.trial_id).system_attrs.get("charlm.beat", 0))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -157,19 +182,35 @@ class Heartbeat:
             self._beat()
 
 
-def _next_trial(session: Session, target: int, deadline: float | None) -> optuna.Trial | bool:
-    """Under the study's lock: a new (or queued) trial; True to wait for other workers' running
-    trials; False when the study is done or the deadline has passed."""
-    study = session.study
+Job = tuple[optuna.Trial, optuna.trial.FrozenTrial | None]  # (the trial, its paused self when promoted)
+
+
+def _next_trial(session: Session, target: int, deadline: float | None) -> Job | bool:
+    """Under the study's lock: a paused trial to promote, else a new (or queued) trial; True to wait
+    for other workers' running trials; False when the study is done or the deadline has passed."""
+    study, asha = session.study, session.spec.pruner.type == "asha"
     with study_lock(session.spec, session.storage_url):
         fail_dead_trials(session)
-        if deadline and time.time() >= deadline:
-            return False
+        late = bool(deadline) and time.time() >= deadline
+        if not late and asha:
+            paused = next_promotion(study, session.spec.pruner.reduction_factor)
+            if paused is not None:
+                return optuna.Trial(study, paused._trial_id), paused
         trials = study.get_trials(deepcopy=False)
         # queued trials (re-runs of dead workers' trials) are part of the total: run them
-        if counted(trials) < target or any(t.state == TrialState.WAITING for t in trials):
-            return study.ask()
-        return any(t.state == TrialState.RUNNING for t in trials)
+        if not late and (counted(trials) < target or any(t.state == TrialState.WAITING for t in trials)):
+            return study.ask(), None
+        if any(t.state == TrialState.RUNNING and not is_paused(t) for t in trials):
+            return not late
+        # the rungs are final: carry the best on to the top rung (past the deadline too, until
+        # one trial has reached it: a study must end with a model to retrain)
+        if asha and (not late or not any(t.state == TrialState.COMPLETE for t in trials)):
+            paused = next_promotion(study, session.spec.pruner.reduction_factor, closing=True)
+            if paused is not None:
+                return optuna.Trial(study, paused._trial_id), paused
+        if asha:
+            _close_paused(session)
+        return False
 
 
 def worker_loop(session: Session, deadline: float | None, shown: SweepProgress | None = None) -> None:
@@ -190,12 +231,14 @@ def worker_loop(session: Session, deadline: float | None, shown: SweepProgress |
             time.sleep(min(2.0, every))
             continue
         waiting = False
+        trial, before = trial
         with Heartbeat(study, trial, every):
-            state = run_trial(session, trial)
+            state = run_trial(session, trial, before)
         if shown is not None:
             shown.update()
         else:
-            print(f"[worker {session.worker}] trial {trial.number}: {state.name}", file=sys.stderr, flush=True)
+            said = "PAUSED" if state is None else state.name
+            print(f"[worker {session.worker}] trial {trial.number}: {said}", file=sys.stderr, flush=True)
         with contextlib.suppress(Exception):
             with study_lock(session.spec, session.storage_url):
                 refresh_summary(session)

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from charlm import config
 from charlm.loop import EvalEvent, StopReason
-from charlm.objective import reporter, trial_state
+from charlm.objective import Reporter, trial_state
 from charlm.report import counted
 from charlm.search import PatiencePruner, compute_step
 from charlm.stopping import Patience
@@ -190,7 +190,7 @@ def _judge_slow_model(axis: str):
     trial = study.ask()
     trial.set_user_attr("patience", 2)
     trial.set_user_attr("min_relative_improvement", 0.0)
-    on_eval = reporter(trial)
+    on_eval = Reporter(trial)
     for step, seconds, loss in SLOW:
         ev = EvalEvent(step=step, val_loss=loss, train_loss=loss, best_val_loss=loss, lr=1e-3,
                        tokens_per_sec=1.0, elapsed=seconds if axis == "seconds" else step / 1000)

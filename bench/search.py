@@ -1,0 +1,101 @@
+"""Head-to-head of three search schemes on the same space and the same wall-clock budget.
+
+    python bench/search.py [--minutes 12] [--workers 2] [--sweep sweeps/default.yaml]
+
+Each scheme runs `python -m charlm sweep` in a fresh folder for ``--minutes`` (study.timeout_min;
+trials under way then finish), with the sweep file's space and base:
+
+(a) asha: promotion with continued training; top rung = minutes / 3 of training, rungs by 3;
+(b) patience: today's fixed budget, every trial minutes / 6 of training, the patience pruner;
+(c) hyperband: Optuna's HyperbandPruner on the same compute axis, every trial minutes / 3, its
+    max_resource the clock (what a trial can really reach).
+
+It prints one Markdown table: best val found (the study's value: the val slice), that trial's
+test loss (a full pass), trials started, compute used (training seconds of every trial), and the
+compute saved against running every started trial to the top budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from charlm.storage import open_storage  # noqa: E402
+
+
+def scheme_docs(base_doc: dict, minutes: float) -> dict[str, tuple[dict, float]]:
+    """Sweep documents of the three schemes, each with the top training budget in seconds."""
+    top = minutes / 3
+    schemes = {
+        "asha": ({"type": "asha", "min_seconds": top * 60 / 27, "reduction_factor": 3}, top, "wsd"),
+        "patience": ({"type": "patience", "reference": "median", "min_trials": 3, "warmup_seconds": minutes * 60 / 36},
+                     minutes / 6, "cosine"),
+        "hyperband": ({"type": "hyperband"}, top, "cosine"),
+    }
+    docs = {}
+    for name, (pruner, clock, schedule) in schemes.items():
+        doc = yaml.safe_load(yaml.safe_dump(base_doc))
+        doc["study"] = {**doc["study"], "name": f"search-{name}", "n_trials": 1000, "timeout_min": minutes}
+        doc["pruner"] = pruner
+        doc["fixed"] = {**doc.get("fixed", {}), "train.max_minutes": clock, "train.schedule": schedule}
+        doc["base"] = str((ROOT / doc["base"]).resolve()) if not Path(doc["base"]).is_absolute() else doc["base"]
+        doc.pop("baseline", None)
+        docs[name] = (doc, clock * 60)
+    return docs
+
+
+def run_scheme(name: str, doc: dict, top_seconds: float, workers: int, folder: Path) -> dict:
+    sweep = folder / f"{name}.yaml"
+    sweep.write_text(yaml.safe_dump(doc))
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "charlm", "sweep", str(sweep), "--workers", str(workers)], cwd=folder,
+                   check=True, stdout=subprocess.DEVNULL)
+    wall = time.time() - t0
+    study = optuna.load_study(study_name=doc["study"]["name"],
+                              storage=open_storage(f"journal:{folder}/mlruns/optuna/{doc['study']['name']}.journal"))
+    trials = [t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]
+    used = sum(float(t.user_attrs.get("train_seconds", 0.0)) for t in trials)
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+        errors = sorted({t.user_attrs.get("error", "") for t in trials} - {""})
+        raise SystemExit(f"{name}: no trial completed in {wall / 60:.1f} min; {errors[:1] or 'give it more --minutes'}")
+    best = study.best_trial
+    return {"scheme": name, "best_val": best.value, "test": best.user_attrs.get("test_loss", float("nan")),
+            "best_trial": f"{best.number} ({best.params.get('model.kind')})", "started": len(trials),
+            "used_min": used / 60, "saved": 1 - used / (len(trials) * top_seconds), "wall_min": wall / 60}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of each scheme (default 12)")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes per scheme (default 2)")
+    ap.add_argument("--sweep", default=str(ROOT / "sweeps" / "default.yaml"), help="the space and base to search")
+    args = ap.parse_args()
+    base_doc = yaml.safe_load(Path(args.sweep).read_text())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="charlm-search-") as tmp:
+        for name, (doc, top) in scheme_docs(base_doc, args.minutes).items():
+            folder = Path(tmp) / name
+            folder.mkdir()
+            rows.append(run_scheme(name, doc, top, args.workers, folder))
+            print(f"{name}: done in {rows[-1]['wall_min']:.1f} min", file=sys.stderr, flush=True)
+    print(f"\n{args.minutes:g} minutes per scheme, {args.workers} workers, space of {Path(args.sweep).name}\n")
+    print("| scheme | best val (slice) | its test loss | best trial | trials started | compute used (min) "
+          "| compute saved vs all to the top | wall (min) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['scheme']} | {r['best_val']:.4f} | {r['test']:.4f} | {r['best_trial']} | {r['started']} "
+              f"| {r['used_min']:.1f} | {r['saved']:.0%} | {r['wall_min']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Promotion with continued training (ASHA, charlm/promotion.py): real sweeps on a journal storage,
+real worker processes, a real MLflow store. Rungs here are 2/3 s, 2 s and the 6 s clock."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from charlm import promotion
+from charlm.promotion import promotable, rung_budgets
+from charlm.storage import open_storage
+from helpers import PYTHON, ROOT, cli
+
+FIXED = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.hidden": 64, "data.context": 32,
+         "train.batch_size": 16, "train.max_steps": 100000, "train.max_minutes": 0.1, "train.schedule": "wsd",
+         "train.validation_interval": 20, "train.warmup_steps": 10, "train.eval_chars": 2000,
+         "train.sample_chars": 0, "train.precision": "fp32", "train.patience": 0, "train.system_metrics": False}
+
+
+def asha_sweep(folder: Path, name: str, n_trials: int, min_seconds: float = 0.6, **fixed) -> Path:
+    doc = {"study": {"name": name, "n_trials": n_trials}, "sampler": {"type": "random", "seed": 0},
+           "pruner": {"type": "asha", "min_seconds": min_seconds, "reduction_factor": 3},
+           "base": str(ROOT / "experiments" / "gpt.yaml"), "fixed": {**FIXED, **fixed},
+           "space": {"model.kind": {"choice": ["gpt", "ff"]}, "train.lr": {"float": [1e-4, 1e-2], "log": True},
+                     "when": {"model.kind == ff": {"model.layers": {"int": [1, 2]}, "model.n_embd": 16}}}}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def study_of(cwd: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(f"journal:{cwd}/mlruns/optuna/{name}.journal"))
+
+
+def history(cwd: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    client = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_rungs_grow_by_the_factor_up_to_the_clock_and_the_best_fraction_goes_on():
+    assert rung_budgets(20, 3, 540) == [20, 60, 180, 540]
+    assert rung_budgets(20, 3, 100) == [pytest.approx(100 / 3), 100]
+    trials = [optuna.trial.create_trial(state=TrialState.COMPLETE, value=v, system_attrs={promotion.rung_key(0): v})
+              for v in (2.0, 1.0, 3.0, 1.5, 2.5)]
+    for n, t in enumerate(trials):
+        t.number = n
+    # 5 at the rung: the best 5 // 3 = 1 goes on; once the rung is final it rounds up to 2
+    assert [promotable(trials, 0, n, 3) for n in range(5)] == [False, True, False, False, False]
+    assert [promotable(trials, 0, n, 3, closing=True) for n in range(5)] == [False, True, False, True, False]
+
+
+@pytest.fixture(scope="module")
+def asha_study(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("asha")
+    r = cli("sweep", str(asha_sweep(cwd, "asha", 6)), cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cwd, study_of(cwd, "asha")
+
+
+def test_a_promoted_trial_continues_its_curve_and_its_optuna_trial(asha_study):
+    cwd, study = asha_study
+    trials = study.trials
+    assert len(trials) == 6 and {t.state for t in trials} == {TrialState.COMPLETE, TrialState.PRUNED}
+    (top,) = [t for t in trials if t.state == TrialState.COMPLETE]  # carried to the 6 s clock
+    assert top.system_attrs[promotion.RUNG] == 1 and top.user_attrs["stop_reason"] == "max_minutes"
+    assert top.value == min(top.intermediate_values.values())  # one protocol: its best report
+    val = history(cwd, top.user_attrs["mlflow_run_id"], "val_loss")
+    steps = [s for s, _ in val]
+    assert steps == sorted(set(steps)) and steps[0] == 20  # one curve: never restarted at step 0
+    assert steps[-1] == top.user_attrs["steps"]
+    for rung_step, _ in history(cwd, top.user_attrs["mlflow_run_id"], "rung"):
+        before = dict(val)[rung_step]
+        after = next(v for s, v in val if s > rung_step)
+        assert abs(after - before) < 0.15, (rung_step, before, after)  # it went on from where it was
+    for t in trials:
+        if t.state == TrialState.PRUNED:  # paused at a rung, then closed with its best value
+            assert t.value == min(t.intermediate_values.values()) and t.system_attrs[promotion.PAUSED] is not False
+
+
+def test_a_trial_out_of_patience_before_its_rung_ends_is_complete(tmp_path):
+    sweep = asha_sweep(tmp_path, "patient", 2, **{"train.patience": 1, "train.min_relative_improvement": 0.9})
+    r = cli("sweep", str(sweep), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = study_of(tmp_path, "patient").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all(t.user_attrs["stop_reason"] == "early_stop" and promotion.RUNG not in t.system_attrs for t in trials)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_during_a_promotion_loses_nothing(tmp_path):
+    # rungs of 2, 6 and 18 s: a trial training the top rung has finished rung 1, and only the best
+    # of rung 1 gets there (rung 1 holds at most 2 of the 6 trials: its best goes on once the rung
+    # is final), so after its worker dies it is promoted again and must go on from its state
+    sweep = asha_sweep(tmp_path, "killed", 6, min_seconds=1.5, **{"train.max_minutes": 0.3})
+    env = {**os.environ, "CI": "true"}
+    first = subprocess.Popen([PYTHON, "-m", "charlm", "sweep", str(sweep)], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, victim = time.time() + 240, None
+        while victim is None and time.time() < deadline and first.poll() is None:
+            time.sleep(0.1)
+            if not (tmp_path / "mlruns" / "optuna" / "killed.journal").exists():
+                continue
+            victim = next((t for t in study_of(tmp_path, "killed").get_trials(states=(TrialState.RUNNING,))
+                           if t.system_attrs.get(promotion.RUNG) == 1 and not t.system_attrs.get(promotion.PAUSED)),
+                          None)
+        assert victim is not None, "no trial was caught training past a rung"
+        time.sleep(1.0)  # well into the next rung
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    r = cli("sweep", str(sweep), cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = study_of(tmp_path, "killed").trials
+    assert len(trials) == 6 and TrialState.FAIL not in {t.state for t in trials}  # nothing failed or re-queued
+    t, k = trials[victim.number], 1  # the last rung it had finished
+    assert t.state == TrialState.COMPLETE and t.user_attrs["stop_reason"] == "max_minutes"  # it went on to the top
+    assert t.system_attrs[promotion.rung_key(k)] == victim.system_attrs[promotion.rung_key(k)]  # its rungs stand
+    val = history(tmp_path, t.user_attrs["mlflow_run_id"], "val_loss")
+    rung_step = next(s for s, v in history(tmp_path, t.user_attrs["mlflow_run_id"], "rung") if v == k)
+    before = [s for s, _ in val if s <= rung_step]
+    assert before == sorted(set(before)) and before[0] == 20  # the rungs it had finished were kept, not redone
+    assert t.user_attrs["steps"] > rung_step
+
+
+def test_wsd_holds_the_peak_whatever_the_length_then_decays_over_its_last_fraction():
+    from charlm import config
+    from charlm.optim import lr_at
+
+    def schedule(max_steps):
+        cfg = config.load(None, ["train.schedule=wsd", "train.lr=0.01", "train.min_lr_ratio=0.1",
+                                 "train.warmup_steps=10", "train.decay_fraction=0.2", f"train.max_steps={max_steps}"])
+        return [lr_at(s, cfg) for s in range(max_steps)]
+
+    short, long = schedule(110), schedule(1010)
+    assert short[9] == long[9] == 0.01 and short[:88] == long[:88]  # before its decay a short run is a long one's prefix
+    assert long[800] == 0.01 and long[-1] == pytest.approx(0.001, rel=0.05)  # decays over the last 200 steps
+    assert long[910] == pytest.approx(0.01 - 0.009 * 0.5, rel=0.01)
