@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -81,6 +82,10 @@ def climb(session: Session, trial: optuna.Trial, cfg: config.Config, tracker: Ml
                        until=None if top else budgets[k], continued=k > 0)
         if result.stop_reason is not StopReason.RUNG_END:
             return result, on_eval  # the top rung's end, its own patience, divergence
+        mine = storage.get_trial(trial._trial_id).system_attrs
+        if mine.get(promotion.PAUSED) or mine.get("charlm.pid") != os.getpid():  # judged dead while alive
+            tracker.set_tags({"error": "paused or taken over by another worker; this rung is discarded"})
+            return None
         on_eval.report(result.rung_value)
         tracker.log_metrics({"rung": k}, step=result.steps)  # rung_value is among the result's metrics
         tracker.log_artifact(state_path, str(Path(promotion.STATE_ARTIFACT).parent))  # any host can go on from here

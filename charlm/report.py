@@ -32,7 +32,8 @@ def state_counts(trials) -> dict[str, int]:
 
 
 def quality_vs_time(study: optuna.Study, path: Path) -> Path | None:
-    """Every finished trial: val loss against its training seconds, by model kind and state."""
+    """Every finished trial's reports on the compute axis (training seconds) as a faint curve, its
+    value as a marker, by model kind and state; dashed lines where an ASHA study's rungs end."""
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
               if "train_seconds" in t.user_attrs and (t.value is not None or t.intermediate_values)]
     if not trials:
@@ -41,6 +42,11 @@ def quality_vs_time(study: optuna.Study, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 5))
     kinds = sorted({str(t.params.get("model.kind", "model")) for t in trials})
     colors = dict(zip(kinds, ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple"]))
+    for t in trials:
+        curve = sorted(t.intermediate_values.items())
+        if len(curve) > 1:
+            ax.plot([s / 1000 for s, _ in curve], [v for _, v in curve], color=colors[str(t.params.get("model.kind",
+                    "model"))], alpha=0.25, linewidth=0.8)
     for kind in kinds:
         for state, marker in ((TrialState.COMPLETE, "o"), (TrialState.PRUNED, "x")):
             pts = [(t.user_attrs["train_seconds"], _value(t), t.number) for t in trials
@@ -51,9 +57,13 @@ def quality_vs_time(study: optuna.Study, path: Path) -> Path | None:
             ax.scatter(xs, ys, marker=marker, color=colors[kind], label=f"{kind} {state.name.lower()} ({len(pts)})")
             for x, y, n in pts:
                 ax.annotate(str(n), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("training seconds")
-    ax.set_ylabel("val loss, nats/char (pruned: best before pruning)")
-    ax.set_title(f"study '{study.study_name}': quality vs training time")
+    for k, seconds in enumerate(study.user_attrs.get("rung_seconds", [])):
+        ax.axvline(seconds, color="gray", linestyle="--", linewidth=0.8)
+        ax.annotate(f"rung {k}", (seconds, 1), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
+                    xytext=(-9, -40), textcoords="offset points", color="gray")
+    ax.set_xlabel("training seconds (the compute axis)")
+    ax.set_ylabel("val loss, nats/char (best so far; pruned: before pruning)")
+    ax.set_title(f"study '{study.study_name}': quality vs compute")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from charlm import paths
 from charlm.errors import CharlmError
 from charlm.objective import log_baseline
+from charlm.promotion import rung_budgets
 from charlm.report import SweepProgress, counted, fmt, log_report, refresh_summary, target_trials, trials_table
 from charlm.space import suggest
 from charlm.storage import Session, open_study, storage_url, study_lock
@@ -35,6 +36,10 @@ def prepare(spec: SweepSpec, url: str) -> Session:
             raise CharlmError(f"Study '{spec.study.name}' exists with direction {study.direction.name.lower()}; "
                               f"{spec.path} asks for {spec.study.direction}. Rename the study to start afresh")
         session = Session(spec, url, study, _parent_run(spec, url, study, exp_id), experiment_id=exp_id)
+        if spec.pruner.type == "asha":  # for the plots and the report: where the rungs end
+            p = spec.pruner
+            study.set_user_attr("rung_seconds", rung_budgets(p.min_seconds, p.reduction_factor,
+                                                             spec.base_config().train.max_minutes * 60))
         if spec.baseline and not study.user_attrs.get("mlflow_baseline_run_id"):
             log_baseline(session)
         return session

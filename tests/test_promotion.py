@@ -79,6 +79,8 @@ def test_a_promoted_trial_continues_its_curve_and_its_optuna_trial(asha_study):
         before = dict(val)[rung_step]
         after = next(v for s, v in val if s > rung_step)
         assert abs(after - before) < 0.15, (rung_step, before, after)  # it went on from where it was
+    assert study.user_attrs["rung_seconds"] == pytest.approx([2 / 3, 2, 6])  # the plot's rung lines
+    assert (cwd / "mlruns" / "reports" / "asha" / "quality_vs_time.png").stat().st_size > 1000
     for t in trials:
         if t.state == TrialState.PRUNED:  # paused at a rung, then closed with its best value
             assert t.value == min(t.intermediate_values.values()) and t.system_attrs[promotion.PAUSED] is not False
