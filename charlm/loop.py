@@ -74,6 +74,11 @@ class Run:
     def ckpt_path(self) -> Path:
         return self.tracker.workdir / "model" / checkpoint.FILENAME
 
+    def val_slice(self) -> torch.Tensor:
+        """What intermediate evaluations score: the first ``train.eval_chars`` of val (0: all of it)."""
+        n = self.cfg.train.eval_chars
+        return self.corpus.val[:n] if n else self.corpus.val
+
     def score(self, ids: torch.Tensor, amp: torch.autocast | None = None) -> EvalResult:
         t = self.cfg.train
         return full_pass(self.model, ids, t.eval_stride, t.eval_batch_size, self.device, amp)
@@ -160,8 +165,9 @@ class Loop:
                 if not self.step(lr):
                     return StopReason.DIVERGED
                 bar.advance()
-                out_of_time = t.max_minutes > 0 and self.elapsed() >= t.max_minutes * 60
-                rung_end = self.until is not None and self.elapsed() >= self.until
+                now = self.elapsed()
+                out_of_time = t.max_minutes > 0 and now >= t.max_minutes * 60
+                rung_end = self.until is not None and now >= self.until
                 if state.step % t.validation_interval == 0 or state.step == t.max_steps or out_of_time or rung_end:
                     reason = self.after_evaluation(lr, bar, out_of_time)
                     if reason is not None:
@@ -182,7 +188,7 @@ class Loop:
         for i in range(1, n + 1):
             if not self.step(lr + (floor - lr) * i / n):
                 break
-        loss = run.score(run.corpus.val[: t.eval_chars] if t.eval_chars else run.corpus.val, run.amp).loss
+        loss = run.score(run.val_slice(), run.amp).loss
         if TrainState.load(self.state_path, run) is None:  # model, optimizer and RNGs as saved
             raise RuntimeError(f"cannot restore the state saved at {self.state_path} after a preview")
         state.step = step
@@ -240,8 +246,7 @@ class Loop:
         logged row (``train_loss`` is the mean since the previous evaluation). True when patience ran out."""
         run, state = self.run, self.state
         te = time.perf_counter()
-        t = run.cfg.train
-        val = run.score(run.corpus.val[: t.eval_chars] if t.eval_chars else run.corpus.val, run.amp)
+        val = run.score(run.val_slice(), run.amp)
         state.eval_seconds += time.perf_counter() - te
         if self.diverged(val.loss):  # never the best: a trial keeps the weights from before it diverged
             fired = False

@@ -153,10 +153,12 @@ def fail_dead_trials(session: Session) -> list[int]:
 class Heartbeat:
     """Records host, pid and a heartbeat counter on the running trial every ``every`` seconds."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, every: float = HEARTBEAT_SECONDS):
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, every: float = HEARTBEAT_SECONDS,
+                 before: optuna.trial.FrozenTrial | None = None):
         self.storage, self.trial_id, self.every = study._storage, trial._trial_id, every
-        # a promoted trial counts on from its last worker's beats: observers never see an old value again
-        self.count = int(self.storage.get_trial(self.trial_id).system_attrs.get("charlm.beat", 0))
+        # a promoted trial (``before``: as claimed) counts on from its last worker's beats, so
+        # observers never see an old value again
+        self.count = int(before.system_attrs.get("charlm.beat", 0)) if before is not None else 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -232,7 +234,7 @@ def worker_loop(session: Session, deadline: float | None, shown: SweepProgress |
             continue
         waiting = False
         trial, before = trial
-        with Heartbeat(study, trial, every):
+        with Heartbeat(study, trial, every, before):
             state = run_trial(session, trial, before)
         if shown is not None:
             shown.update()
