@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 import torch
 import torch.nn as nn
 
+from charlm import interrupts
 from charlm.config import Config, from_dict, to_dict
 from charlm.data import CharVocab
 from charlm.errors import CharlmError
@@ -40,16 +41,19 @@ class Loaded:
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
     """Create ``path`` through ``write(file)`` on a temporary file beside it, then rename: a kill
-    at any moment leaves either the old file or the complete new one, never a partial one."""
+    at any moment leaves either the old file or the complete new one, never a partial one. A
+    Ctrl-C or SIGTERM waits for the file to be complete (raised inside ``torch.save``, it broke
+    the zip writer, whose RuntimeError then hid the signal's exit code)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with interrupts.deferred():
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

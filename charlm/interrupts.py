@@ -1,14 +1,22 @@
 """Ctrl-C and SIGTERM end a command as KeyboardInterrupt / SystemExit(128 + signal), which unwind
 through every ``with`` (runs end KILLED, trials FAIL and are queued again), except inside a
-guarded section: while this process holds the journal storage's lock file a signal waits until
-the lock is released. Raised in between, it would leave the lock file behind, and every later
-access (this process's own clean-up included) would wait out Optuna's 30-second grace period.
+guarded section, where a signal waits until the section ends:
+
+- while this process holds the journal storage's lock file: raised in between, it would leave
+  the lock file behind, and every later access (this process's own clean-up included) would wait
+  out Optuna's 30-second grace period;
+- inside a call to the MLflow client (``deferring``): raised inside a database transaction, it
+  lost the write under way (a metric, a tag) or left SQLite locked, so the run could not be
+  marked KILLED and the command died with "database is locked" instead of 143.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import signal
 import threading
+from typing import Any
 
 _depth = 0  # guarded sections the main thread is inside
 _pending: int | None = None
@@ -54,3 +62,33 @@ def leave() -> None:
     if _depth == 0 and _pending is not None:
         signum, _pending = _pending, None
         _raise(signum)
+
+
+@contextlib.contextmanager
+def deferred():
+    """A guarded section as a ``with`` block."""
+    enter()
+    try:
+        yield
+    finally:
+        leave()
+
+
+class deferring:  # noqa: N801 -- used like a function: ``deferring(client)``
+    """``target`` seen through a guarded section: each method call runs whole, and a signal that
+    arrives during it is raised once it has returned."""
+
+    def __init__(self, target: Any):
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            with deferred():
+                return attr(*args, **kwargs)
+
+        return call

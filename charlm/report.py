@@ -17,13 +17,12 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from charlm import paths
+from charlm import paths, tracking
 from charlm.plots import pyplot
 from charlm.progress import Progress
 from charlm.space import space_size
 from charlm.storage import Session
 from charlm.sweepfile import SweepSpec
-from charlm.tracking import tracking_uri
 
 
 def state_counts(trials) -> dict[str, int]:
@@ -176,12 +175,8 @@ def write_report(spec: SweepSpec, study: optuna.Study, out: Path | None = None, 
 
 def log_report(spec: SweepSpec, study: optuna.Study, parent_run_id: str) -> Path:
     """Write the report and log it with its plots to the study's parent MLflow run."""
-    from mlflow.tracking import MlflowClient
-
-    from charlm.tracking import tracking_uri
-
     path = write_report(spec, study)
-    client = MlflowClient(tracking_uri())
+    client = tracking.client()
     for f in sorted(path.parent.iterdir()):
         if f.suffix in (".md", ".png"):
             client.log_artifact(parent_run_id, str(f), "report")
@@ -220,7 +215,6 @@ def refresh_summary(session: Session, plots: bool | None = None) -> dict[str, An
     import tempfile
 
     from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
 
     study = session.study
     trials = study.get_trials(deepcopy=False)
@@ -236,7 +230,7 @@ def refresh_summary(session: Session, plots: bool | None = None) -> dict[str, An
         metrics.append(Metric("best_value", float(best.value), ts, finished))
         tags += [RunTag("best_trial", str(best.number)), RunTag("best_run_id", best.user_attrs.get("mlflow_run_id", "")),
                  RunTag("best_params", json.dumps(best.params, sort_keys=True))]
-    client = MlflowClient(tracking_uri())
+    client = tracking.client()
     client.log_batch(session.parent_run_id, metrics=metrics, tags=tags)
     if plots is None:
         plots = time.time() - _last_plots[0] >= PLOT_EVERY_SECONDS

@@ -217,8 +217,8 @@ def register(client, name: str, model_uri: str, run_id: str, val_loss: float, ta
 def log_and_register(run_id: str, checkpoint_path: Path, study: str, val_loss: float, tags: dict,
                      uri: str) -> Registered:
     """Log the checkpoint on ``run_id`` and register it as ``charlm-<study>``."""
-    from mlflow.tracking import MlflowClient
+    from charlm import tracking
 
     model_uri = log_model(run_id, checkpoint_path, uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = tracking.client(uri)
     return register(client, f"charlm-{study}", model_uri, run_id, val_loss, {"study": study, **tags}, uri)

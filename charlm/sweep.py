@@ -14,7 +14,7 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from charlm import paths
+from charlm import paths, tracking
 from charlm.errors import CharlmError
 from charlm.objective import log_baseline
 from charlm.promotion import rung_budgets
@@ -48,9 +48,7 @@ def prepare(spec: SweepSpec, url: str) -> Session:
 def _parent_run(spec: SweepSpec, url: str, study: optuna.Study, exp_id: str) -> str:
     """The study's parent MLflow run, reopened, or created when the study has none (or lost it)."""
     from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri())
+    client = tracking.client()
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         try:
@@ -106,8 +104,6 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None) -> i
 
 def _close_parent(session: Session, status: str) -> None:
     """The summary (plots only on a finished sweep: on Ctrl-C, exit fast), the report, the status."""
-    from mlflow.tracking import MlflowClient
-
     with contextlib.suppress(Exception):
         refresh_summary(session, plots=status == "FINISHED")
     if status == "FINISHED":
@@ -115,7 +111,7 @@ def _close_parent(session: Session, status: str) -> None:
             print(f"report: {log_report(session.spec, session.study, session.parent_run_id)}", file=sys.stderr)
         except Exception as e:  # the trials are safe either way; say why the report is missing
             print(f"(report skipped: {type(e).__name__}: {e})", file=sys.stderr)
-    MlflowClient(tracking_uri()).set_terminated(session.parent_run_id, status=status)
+    tracking.client().set_terminated(session.parent_run_id, status=status)
 
 
 def _print_results(study: optuna.Study) -> None:

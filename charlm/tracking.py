@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from charlm import paths
+from charlm import interrupts, paths
 from charlm.errors import CharlmError
 
 SYSTEM_METRICS_INTERVAL = 2.0  # seconds between samples: a smoke trial lasts a few seconds, a real one minutes
@@ -57,6 +57,15 @@ def tracking_uri() -> str:
         return uri
     paths.MLRUNS.mkdir(parents=True, exist_ok=True)
     return f"{paths.SQLITE}{(paths.MLRUNS / 'mlflow.db').resolve()}"
+
+
+def client(uri: str | None = None):
+    """An MLflow client on ``uri`` (default: ``tracking_uri()``, its registry too) whose calls run
+    whole: a Ctrl-C or SIGTERM arriving inside one is raised when it returns (charlm/interrupts.py)."""
+    from mlflow.tracking import MlflowClient  # slow import; only real runs pay it
+
+    uri = uri or tracking_uri()
+    return interrupts.deferring(MlflowClient(tracking_uri=uri, registry_uri=uri))
 
 
 def artifact_root(uri: str) -> str | None:
@@ -130,10 +139,8 @@ class MlflowTracker:
     def __init__(self, experiment: str, run_name: str = "", parent_run_id: str | None = None,
                  tags: dict[str, str] | None = None, uri: str | None = None, run_id: str | None = None):
         """A new run, or with ``run_id`` the same run reopened (a promoted trial continues its curve)."""
-        from mlflow.tracking import MlflowClient  # slow import; only real runs pay it
-
         self.uri = uri or tracking_uri()
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = client(self.uri)
         self.experiment_id = get_or_create_experiment(experiment, self.uri, self.client)
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
@@ -289,14 +296,10 @@ def store_lock(uri: str):
         yield
 
 
-def get_or_create_experiment(name: str, uri: str, client=None) -> str:
+def get_or_create_experiment(name: str, uri: str, mlflow_client=None) -> str:
     """The experiment's id, creating it (artifacts beside a SQLite store) if needed; race-safe."""
-    if client is None:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
     with store_lock(uri):
-        return _get_or_create_experiment(client, name, uri)
+        return _get_or_create_experiment(mlflow_client or client(uri), name, uri)
 
 
 def _get_or_create_experiment(client, name: str, uri: str) -> str:

@@ -29,12 +29,11 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from charlm import promotion
+from charlm import promotion, tracking
 from charlm.objective import requeue, run_trial
 from charlm.promotion import close_paused, is_paused, next_promotion
 from charlm.report import SweepProgress, counted, refresh_summary, target_trials
 from charlm.storage import Session, study_lock
-from charlm.tracking import tracking_uri
 
 HEARTBEAT_SECONDS = 10.0  # at most; a shorter heartbeat_timeout_s beats 4 times per timeout
 HOST = socket.gethostname()
@@ -99,12 +98,10 @@ def _fail_if_running(storage, trial_id: int) -> bool:
 
 def _close_dead_run(t: optuna.trial.FrozenTrial, paused: bool = False) -> None:
     """The dead worker's MLflow run: FAILED, or PAUSED (FINISHED) when the trial goes on elsewhere."""
-    from mlflow.tracking import MlflowClient
-
     run_id = t.user_attrs.get("mlflow_run_id")
     if not run_id:
         return
-    client = MlflowClient(tracking_uri())
+    client = tracking.client()
     attrs = t.system_attrs
     with contextlib.suppress(Exception):
         client.set_tag(run_id, "optuna.state", "PAUSED" if paused else "FAIL")
@@ -116,9 +113,7 @@ def _close_dead_run(t: optuna.trial.FrozenTrial, paused: bool = False) -> None:
 
 def _close_paused(session: Session) -> None:
     """Nothing trains and nothing can be promoted: the paused trials end PRUNED, and their runs say so."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri())
+    client = tracking.client()
     for t in close_paused(session.study):
         with contextlib.suppress(Exception):
             client.set_tag(t.user_attrs["mlflow_run_id"], "optuna.state", "PRUNED")

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 from helpers import PYTHON, ROOT, free_port
 
@@ -146,4 +147,56 @@ def test_breaking_a_stale_journal_lock_keeps_signals_deferred_then_delivered(tmp
         lock.release()
     assert e.value.code == 143 and interrupts._depth == 0
     interrupts.leave()  # an unmatched release is harmless
+    _sigterm_raises_at_once()
+
+
+def test_sigterm_inside_an_mlflow_write_ends_the_run_killed(tmp_path, monkeypatch, charlm_signals):
+    """A kill landing inside a write to MLflow's SQLite store must wait for that write to end:
+    raised mid-transaction it left the database locked, so the run could not even be marked
+    KILLED and the command died with 'database is locked' (exit 1) instead of 143."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from charlm.tracking import MlflowTracker
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = MlflowTracker("signals", "killed-mid-write")
+
+    kills = []
+
+    def kill_once(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("INSERT INTO METRICS") and not kills:
+            kills.append(statement)
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs inside the transaction
+
+    event.listen(Engine, "after_cursor_execute", kill_once)
+    try:
+        with pytest.raises(SystemExit) as e, tracker:
+            tracker.log_metrics({"loss": 1.0}, step=1)
+            tracker.flush()
+    finally:
+        event.remove(Engine, "after_cursor_execute", kill_once)
+    assert e.value.code == 143 and kills
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.info.status == "KILLED" and run.data.metrics["loss"] == 1.0
+    _sigterm_raises_at_once()
+
+
+def test_sigterm_during_a_checkpoint_write_lets_the_file_complete(tmp_path, charlm_signals):
+    """A kill landing inside ``torch.save`` broke its zip writer (a RuntimeError that hid exit 143);
+    the write now finishes, the file is renamed into place, and then the signal is raised."""
+    from charlm.checkpoint import write_atomic
+
+    blob = {"weights": torch.arange(1000.0)}
+
+    def killed_while_writing(f):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
+        torch.save(blob, f)
+
+    with pytest.raises(SystemExit) as e:
+        write_atomic(tmp_path / "model.pt", killed_while_writing)
+    assert e.value.code == 143
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weights"], blob["weights"])
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
     _sigterm_raises_at_once()

@@ -679,8 +679,10 @@ def test_best_interrupted_then_run_again_resumes(tmp_path):
     f = _long_trial_sweep(tmp_path, "resumebest")
     r = cli("sweep", str(f), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    proc = subprocess.Popen([PYTHON, "-m", "charlm", "best", str(f)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = tmp_path / "best.stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([PYTHON, "-m", "charlm", "best", str(f)], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
     seeds = tmp_path / "mlruns" / "best" / "resumebest" / ".seeds"
     deadline = time.time() + 300
     # seed 0 done, and seed 1 past its first evaluations (its training state saved)
@@ -689,7 +691,7 @@ def test_best_interrupted_then_run_again_resumes(tmp_path):
     time.sleep(1)
     assert proc.poll() is None, "best finished before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 143
+    assert proc.wait(timeout=30) == 143, log.read_text()[-3000:]
     client, runs = mlflow_runs(tmp_path, "resumebest")
     assert not [x for x in runs if x.info.status == "RUNNING"]
     assert [x.info.status for x in runs if x.data.tags.get("seed") == "1"] == ["KILLED"]
