@@ -5,7 +5,8 @@
 Each scheme runs `python -m charlm sweep` in a fresh folder for ``--minutes`` (study.timeout_min;
 trials under way then finish), with the sweep file's space and base:
 
-(a) asha: promotion with continued training; top rung = minutes / 3 of training, rungs by 3;
+(a) asha: promotion with continued training; top rung = minutes / 3 of training, three rungs by
+    3 (top / 9, top / 3, top), the shape of the default study's 40 s / 2 min / 6 min;
 (b) patience: today's fixed budget, every trial minutes / 6 of training, the patience pruner;
 (c) hyperband: Optuna's HyperbandPruner on the same compute axis, every trial minutes / 3, its
     max_resource the clock (what a trial can really reach).
@@ -37,7 +38,7 @@ def scheme_docs(base_doc: dict, minutes: float) -> dict[str, tuple[dict, float]]
     """Sweep documents of the three schemes, each with the top training budget in seconds."""
     top = minutes / 3
     schemes = {
-        "asha": ({"type": "asha", "min_seconds": top * 60 / 27, "reduction_factor": 3}, top, "wsd"),
+        "asha": ({"type": "asha", "min_seconds": top * 60 / 9, "reduction_factor": 3}, top, "wsd"),
         "patience": ({"type": "patience", "reference": "median", "min_trials": 3, "warmup_seconds": minutes * 60 / 36},
                      minutes / 6, "cosine"),
         "hyperband": ({"type": "hyperband"}, top, "cosine"),

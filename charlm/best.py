@@ -123,7 +123,7 @@ def _seed(spec: SweepSpec, cfg: config.Config, seed: int, out: Path, parent_run_
            "steps": res.steps, "stop": res.stop_reason, "seconds": round(res.train_seconds, 1),
            "run_id": res.run_id, **res.mixture}
     mix = (f", network alone {res.mixture['network_test_loss']:.4f}, mixed with a "
-           f"{cfg.model.mix_order}-gram at w={res.mixture['mix_weight']:.3f}") if res.mixture else ""
+           f"{cfg.model.mix_order}-gram at mean w={res.mixture['mix_weight']:.3f}") if res.mixture else ""
     print(f"  seed {seed}: val {res.best_val_loss:.4f}  test {res.test_loss:.4f}  "
           f"({res.steps} steps, {res.stop_reason}, {res.train_seconds:.0f}s{mix})")
     if loaded:

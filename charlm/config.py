@@ -44,7 +44,7 @@ class ModelConfig:
     dropout: float = 0.0  # 1M characters overfit slowly at this size; sweeps tune it
     bias: bool = False  # biases in linear/LayerNorm layers; off is slightly faster, no worse
     tie_weights: bool = True  # share input embedding and output projection (fewer params)
-    mix_order: int = 0  # > 0: interpolate with a Kneser-Ney n-gram of this order, weight fitted on val
+    mix_order: int = 0  # > 0: interpolate with a Kneser-Ney n-gram of this order, gate fitted on val
 
 
 @dataclass(frozen=True)

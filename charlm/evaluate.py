@@ -50,11 +50,23 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int]]:
     return out
 
 
-@torch.no_grad()
+def _target_logprobs(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits, _ = model(x)
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
 def char_logprobs(model, data: torch.Tensor, stride: int = 0, batch_size: int = 32,
                   device: str = "cpu", autocast: torch.autocast | None = None) -> torch.Tensor:
     """log p(data[i] | what precedes it) for i = 1 .. n-1 under the protocol above (float64).
     Summed it is the full pass; kept per character it lets two models be interpolated."""
+    return per_char(model, data, _target_logprobs, stride, batch_size, device, autocast)
+
+
+@torch.no_grad()
+def per_char(model, data: torch.Tensor, score, stride: int = 0, batch_size: int = 32,
+             device: str = "cpu", autocast: torch.autocast | None = None) -> torch.Tensor:
+    """``score(model, x, y) -> (B, T, ...)`` for every character i = 1 .. n-1 of ``data``, each
+    taken from the one window position that scores it under the protocol above (float64)."""
     n = len(data)
     if n < 2:
         raise ValueError("need at least 2 characters to score one")
@@ -63,7 +75,7 @@ def char_logprobs(model, data: torch.Tensor, stride: int = 0, batch_size: int = 
     L = min(window, n - 1)
     data = data.long()
     offsets = torch.arange(L + 1)
-    out = torch.empty(n - 1, dtype=torch.float64)
+    out = None
     was_training = model.training
     model.eval()
     try:
@@ -73,11 +85,12 @@ def char_logprobs(model, data: torch.Tensor, stride: int = 0, batch_size: int = 
             seq = data[starts[:, None] + offsets].to(device)
             x, y = seq[:, :-1], seq[:, 1:]
             with autocast or contextlib.nullcontext():
-                logits, _ = model(x)
-            logp = F.log_softmax(logits.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1).double().cpu()
+                values = score(model, x, y).double().cpu()
+            if out is None:
+                out = torch.empty((n - 1, *values.shape[2:]), dtype=torch.float64)
             for row, (s, k) in enumerate(chunk):
                 # window row covers targets s+1 .. s+L; its last k are scored (target j -> out[j-1])
-                out[s + L - k:s + L] = logp[row, L - k:]
+                out[s + L - k:s + L] = values[row, L - k:]
     finally:
         model.train(was_training)
     return out

@@ -34,7 +34,7 @@ def main() -> None:
     network = ck.model.neural
     print(f"val split: {len(corpus.val):,} characters; network alone: "
           f"{full_pass(network, corpus.val, t.eval_stride, t.eval_batch_size, 'cpu').loss:.4f}")
-    print("| n-gram order mixed in | w (network) | val loss |\n|---|---|---|")
+    print("| n-gram order mixed in | mean w (network) | val loss |\n|---|---|---|")
     for order in args.orders:
         mix = Mixture(network, NGram(ck.cfg.model, len(corpus.vocab), order - 1)).eval()
         mix.fit(corpus.train)

@@ -159,7 +159,7 @@ def test_ngram_is_a_normalised_kneser_ney_that_round_trips(tmp_path, tiny_text):
 
 def test_mixture_trains_the_network_alone_then_fits_its_weight_on_val(tmp_path, tiny_cfg):
     """model.mix_order: training steps and intermediate evals see the network alone; after
-    training the weight is fitted on val, the mixture beats both parts there, and the saved
+    training the weights are fitted on val, the mixture beats both parts there, and the saved
     checkpoint scores the same after loading; it stays causal."""
     from charlm import checkpoint
     from charlm.data import load_corpus
@@ -175,20 +175,67 @@ def test_mixture_trains_the_network_alone_then_fits_its_weight_on_val(tmp_path, 
     corpus = load_corpus(cfg.data)
     loaded = checkpoint.load(res.checkpoint)
     mix = loaded.model
-    assert isinstance(mix, Mixture) and float(mix.weight) == w
+    assert isinstance(mix, Mixture) and torch.isfinite(mix.gate).all()
+    gate = mix.gate.clone()
     got = full_pass(mix, corpus.val).loss
     assert got == pytest.approx(res.best_val_loss, abs=1e-9)
-    mix.weight.fill_(1.0)
+    mix.set_weight(1.0)
     network = full_pass(mix, corpus.val).loss
-    mix.weight.fill_(0.0)
+    mix.set_weight(0.0)
     ngram = full_pass(mix, corpus.val).loss
     assert got < min(network, ngram)
     # the network-alone test figure is what an unmixed run of the same weights would report
-    mix.weight.fill_(1.0)
+    mix.set_weight(1.0)
     assert full_pass(mix, corpus.test).loss == pytest.approx(res.mixture["network_test_loss"], abs=1e-9)
-    mix.weight.fill_(w)
+    mix.gate.copy_(gate)
     idx = corpus.val[:16][None].long()
     changed = idx.clone()
     changed[0, 8:] = (changed[0, 8:] + 1) % len(corpus.vocab)
     assert torch.equal(mix(changed)[0][:, :8], mix(idx)[0][:, :8])
     assert not torch.equal(mix(changed)[0][:, 8], mix(idx)[0][:, 8])
+
+
+def test_the_entropy_gate_beats_one_weight_where_each_model_knows_when_it_is_sure():
+    """Where the network is sure it is right and the n-gram unsure, and the other way round, the
+    gate learns to trust the sure one; it is never worse than the best single weight."""
+    from charlm.models.mixture import best_weight, fit_gate, mixed_loss
+
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    net_sure = torch.rand(n, generator=g) < 0.5
+    # the sure model gives the right character 0.9 (entropy 0.5), the unsure one 0.1 (entropy 3)
+    a = torch.where(net_sure, math.log(0.9), math.log(0.1)).double()
+    b = torch.where(net_sure, math.log(0.1), math.log(0.9)).double()
+    ha = torch.where(net_sure, 0.5, 3.0).double()
+    hb = torch.where(net_sure, 3.0, 0.5).double()
+    w = best_weight(a, b)
+    one = float(mixed_loss(torch.tensor([math.log(w / (1 - w)), 0.0, 0.0]), a, b, ha, hb))
+    gated = float(mixed_loss(fit_gate(a, b, ha, hb), a, b, ha, hb))
+    assert gated < one - 0.2  # one weight: ~0.69 nats; the gate: close to -log 0.9 = 0.105
+    same = torch.full_like(ha, 1.0)  # no entropy to tell them apart: the gate is one weight
+    assert float(mixed_loss(fit_gate(a, b, same, same), a, b, same, same)) <= one + 1e-9
+
+
+def test_a_mixture_saved_with_one_weight_loads_as_that_weight(tmp_path, tiny_cfg):
+    """Checkpoints from before the gate hold one scalar ``weight``; they load and score as before."""
+    from charlm import checkpoint
+    from charlm.data import load_corpus
+    from charlm.models import build_model
+
+    cfg = config.override(tiny_cfg, {"model.mix_order": 3}, where="test")
+    corpus = load_corpus(cfg.data)
+    model = build_model(cfg, len(corpus.vocab))
+    model.fit(corpus.train)
+    path = checkpoint.save(tmp_path / "model.pt", model, cfg, corpus.vocab, {})
+    blob = torch.load(path, weights_only=True)
+    del blob["model"]["gate"]
+    blob["model"]["weight"] = torch.tensor(0.3, dtype=torch.float64)  # the old format
+    torch.save(blob, path)
+    old = checkpoint.load(path).model
+    model.set_weight(0.3)
+    assert full_pass(old, corpus.val).loss == pytest.approx(full_pass(model, corpus.val).loss, abs=1e-9)
+    a, b = model.neural, model.ngram
+    model.set_weight(1.0)
+    assert full_pass(model, corpus.val).loss == pytest.approx(full_pass(a, corpus.val).loss, abs=1e-9)
+    model.set_weight(0.0)
+    assert full_pass(model, corpus.val).loss == pytest.approx(full_pass(b, corpus.val).loss, abs=1e-6)

@@ -1,0 +1,54 @@
+"""One mixing weight, or a weight per character gated by the two models' entropies? Chosen on val
+only (docs/REPORT.md section 8).
+
+    python docs/mix_gate.py [--model mlruns/best/default]
+
+Takes a saved mixture (``make best``'s model) and scores its val split once per part: the
+network's and the n-gram's log-probability of each character and the entropy of each prediction.
+Each half of val then fits what the other half is scored with (two-fold): one weight, and the
+gate ``w = sigmoid(c0 + c1 H_network + c2 H_ngram)``. The test split is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from charlm import checkpoint  # noqa: E402
+from charlm.data import load_corpus  # noqa: E402
+from charlm.evaluate import per_char  # noqa: E402
+from charlm.models.mixture import Mixture, _parts, best_weight, fit_gate, mixed_loss  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="mlruns/best/default", help="a saved mixture (default mlruns/best/default)")
+    args = ap.parse_args()
+    ck = checkpoint.load(args.model, "cpu")
+    if not isinstance(ck.model, Mixture):
+        raise SystemExit(f"{args.model} is not a mixture (model.mix_order = 0)")
+    t = ck.cfg.train
+    val = load_corpus(ck.cfg.data).val
+    parts = per_char(ck.model, val, _parts, t.eval_stride, t.eval_batch_size, "cpu")
+    first = torch.arange(len(parts)) < len(parts) // 2
+    rows = {"one weight": [], "entropy gate": []}
+    for fit, score in ((~first, first), (first, ~first)):
+        w = best_weight(*parts[fit, :2].unbind(-1))
+        rows["one weight"].append(float(mixed_loss(torch.tensor([math.log(w / (1 - w)), 0.0, 0.0]),
+                                                   *parts[score].unbind(-1))))
+        rows["entropy gate"].append(float(mixed_loss(fit_gate(*parts[fit].unbind(-1)), *parts[score].unbind(-1))))
+    print(f"val split: {len(val):,} characters; network alone {-float(parts[:, 0].mean()):.4f}, "
+          f"{ck.cfg.model.mix_order}-gram alone {-float(parts[:, 1].mean()):.4f}")
+    print("| fitted on the other half | first half | second half | mean |\n|---|---|---|---|")
+    for name, (one, two) in rows.items():
+        print(f"| {name} | {one:.4f} | {two:.4f} | {(one + two) / 2:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
