@@ -70,6 +70,9 @@ test-pg: $(STAMP) ## scale-out test: a throwaway PostgreSQL, an MLflow server, t
 bench-search: $(STAMP) ## asha vs fixed-budget patience vs Hyperband, same space and wall clock (MINUTES=12 each)
 	$(PY) bench/search.py --minutes $(or $(MINUTES),12)
 
+gpu-check: $(STAMP) ## on a GPU machine: tests marked gpu, the fast suite, GPU speed, 1 vs 4 workers (bench/gpu_check.sh)
+	PY=$(PY) bash bench/gpu_check.sh
+
 bench: $(STAMP) ## speed vs matmul peak and a plain PyTorch baseline, eval share, memory; sweep load (trials/min, overhead)
 	$(PY) bench/speed.py
 	$(PY) bench/sweep_load.py
@@ -97,4 +100,4 @@ clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install lint sweep best train sample eval test test-slow test-pg bench bench-search report dashboard ui server serve clean
+.PHONY: help install lint sweep best train sample eval test test-slow test-pg gpu-check bench bench-search report dashboard ui server serve clean

@@ -12,7 +12,8 @@ trials under way then finish), with the sweep file's space and base:
     max_resource the clock (what a trial can really reach).
 
 It prints one Markdown table: best val found (the study's value: the val slice), that trial's
-test loss (a full pass), trials started, compute used (training seconds of every trial), and the
+test loss (a full pass), trials started, compute used (training seconds of every trial, asha's
+rung-end previews included), and the
 compute saved against running every started trial to the top budget.
 """
 
@@ -65,7 +66,9 @@ def run_scheme(name: str, doc: dict, top_seconds: float, workers: int, folder: P
     study = optuna.load_study(study_name=doc["study"]["name"],
                               storage=open_storage(f"journal:{folder}/mlruns/optuna/{doc['study']['name']}.journal"))
     trials = [t for t in study.trials if t.state != optuna.trial.TrialState.WAITING]
-    used = sum(float(t.user_attrs.get("train_seconds", 0.0)) for t in trials)
+    # compute used: every trial's training clock, plus the rung-end previews asha runs off that clock
+    used = sum(float(t.user_attrs.get("train_seconds", 0.0)) + float(t.user_attrs.get("preview_seconds", 0.0))
+               for t in trials)
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
         errors = sorted({t.user_attrs.get("error", "") for t in trials} - {""})
         raise SystemExit(f"{name}: no trial completed in {wall / 60:.1f} min; {errors[:1] or 'give it more --minutes'}")

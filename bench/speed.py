@@ -60,7 +60,7 @@ class BaselineTransformer(torch.nn.Module):
 
     def forward(self, idx, targets):
         T = idx.shape[1]
-        x = self.tok(idx) + self.pos(torch.arange(T))
+        x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))
         x = self.encoder(x, mask=self.mask[:T, :T], is_causal=True)
         logits = self.head(self.ln(x))
         return logits, torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), targets.reshape(-1))

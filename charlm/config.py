@@ -51,6 +51,7 @@ class ModelConfig:
 class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda; auto takes a GPU when torch sees one
     precision: str = "auto"  # auto | fp32 | bf16; auto = bf16 autocast where the hardware has it
+    compile: str = "auto"  # auto | true | false: torch.compile the training step; auto = on CUDA only
     threads: int = 0  # torch intra-op threads; 0 = torch's default (the physical cores)
     seed: int = 0  # one seed drives init, batch order and dropout
     batch_size: int = 32  # sequences per step
@@ -89,6 +90,7 @@ CHOICES = {
     "model.kind": ("gpt", "ff", "ngram"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.compile": ("auto", "true", "false"),
     "train.schedule": ("cosine", "linear", "constant", "wsd"),
 }
 
@@ -154,6 +156,8 @@ def _coerce(key: str, value: Any, typ: type, where: str) -> Any:
         if ok:
             value = float(value)
     elif typ is str:
+        if isinstance(value, bool):  # YAML reads true/false as booleans; a str key lists them as words
+            value = str(value).lower()
         ok = isinstance(value, str)
     if not ok:
         raise ConfigError(

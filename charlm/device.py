@@ -1,6 +1,8 @@
-"""Where a run computes and in what precision."""
+"""Where a run computes, in what precision, compiled or not, and how workers share GPUs."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -21,7 +23,59 @@ def bf16_supported(device: str) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def compile_for(setting: str, device: str) -> bool:
+    """``train.compile``: auto compiles on CUDA, where fusing the step's kernels pays; on CPU the
+    step stays eager unless asked (its first steps would spend the clock compiling)."""
+    return setting == "true" or (setting == "auto" and device == "cuda")
+
+
 def autocast_for(precision: str, device: str) -> torch.autocast | None:
     """bf16 autocast when asked, or on ``auto`` where the hardware computes bf16 natively."""
     use = precision == "bf16" or (precision == "auto" and bf16_supported(device))
     return torch.autocast(device_type=device, dtype=torch.bfloat16) if use else None
+
+
+GPU_WORKERS = "CHARLM_GPU_WORKERS"  # set by `sweep --workers` on each worker: how many share its GPU
+MEMORY_MARGIN = 0.9  # of a GPU's memory for the workers' tensors; the rest holds each one's CUDA context
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (ids or UUIDs)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:  # CUDA reads up to the first entry that is not a device
+        gpus = []
+        for d in (d.strip() for d in listed.split(",")):
+            if not d or d.startswith("-"):
+                break
+            gpus.append(d)
+        return gpus
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_env(index: int, workers: int, gpus: list[str]) -> dict[str, str]:
+    """Worker ``index``'s GPU, round-robin over ``gpus``, and how many workers share that GPU."""
+    if not gpus:
+        return {}
+    slot = index % len(gpus)
+    return {"CUDA_VISIBLE_DEVICES": gpus[slot], GPU_WORKERS: str(len(range(slot, workers, len(gpus))))}
+
+
+def guard_memory(device: str) -> float | None:
+    """A worker sharing its GPU with others may use its share of the memory, so one whose model does
+    not fit fails its own trial (out of memory, with :func:`explain`) instead of the others'."""
+    sharing = int(os.environ.get(GPU_WORKERS, "1"))
+    if device != "cuda" or sharing <= 1:
+        return None
+    fraction = MEMORY_MARGIN / sharing
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return fraction
+
+
+def explain(e: Exception) -> str:
+    """A trial's failure as one line; running out of a shared GPU's memory says what to change."""
+    message = f"{type(e).__name__}: {e}"
+    sharing = int(os.environ.get(GPU_WORKERS, "1"))
+    if isinstance(e, torch.OutOfMemoryError) and sharing > 1:
+        return (f"out of GPU memory: this worker may use {MEMORY_MARGIN / sharing:.0%} of a GPU it shares "
+                f"with {sharing - 1} other worker(s); run fewer --workers or a smaller model ({message})")
+    return message

@@ -23,9 +23,9 @@ _pending: int | None = None
 
 
 def install() -> None:
-    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGTERM, handle)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # SIG_IGN (a background job) stays
-        signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGINT, handle)
 
 
 def _raise(signum: int) -> None:
@@ -34,11 +34,14 @@ def _raise(signum: int) -> None:
     raise SystemExit(128 + signum)
 
 
-def _handler(signum, frame) -> None:
+def handle(signum: int, frame=None) -> None:
+    """The signal handler: raise now, or once the guarded section ends. A second signal while one
+    waits raises at once (a hung call must not make Ctrl-C wait for ever)."""
     global _pending
-    if _depth:
+    if _depth and _pending is None:
         _pending = signum
         return
+    _pending = None
     _raise(signum)
 
 

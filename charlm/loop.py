@@ -69,6 +69,7 @@ class Run:
     batches: Batcher
     n_params: int
     fit_seconds: float
+    compiled: torch.nn.Module | None = None  # the model through torch.compile for training steps (train.compile)
 
     @property
     def ckpt_path(self) -> Path:
@@ -109,7 +110,8 @@ class TrainState:
         blob = {"format": STATE_FORMAT, "config": to_dict(run.cfg), "loop": loop,
                 "patience": dataclasses.asdict(self.stop), "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(), "batch_rng": run.batches.gen.get_state(),
-                "torch_rng": torch.get_rng_state()}
+                "torch_rng": torch.get_rng_state(),  # dropout on a GPU draws from its own generators
+                "cuda_rng": torch.cuda.get_rng_state_all() if run.device == "cuda" else []}
         checkpoint.write_atomic(Path(path), lambda f: torch.save(blob, f))
 
     @classmethod
@@ -127,7 +129,40 @@ class TrainState:
         run.optimizer.load_state_dict(blob["optimizer"])
         run.batches.gen.set_state(blob["batch_rng"])
         torch.set_rng_state(blob["torch_rng"])
+        if blob.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(blob["cuda_rng"])
         return cls(stop=Patience(**blob["patience"]), **blob["loop"])
+
+
+class LossMeter:
+    """Training losses since the last evaluation. On CUDA (``sync=False``) the sum stays on the
+    device and is read at evaluations only, so no step waits for the GPU to finish the one before;
+    a loss that is not finite is then caught at the next evaluation instead of at its own step."""
+
+    def __init__(self, sync: bool):
+        self.sync = sync
+        self.total: torch.Tensor | float = 0.0
+        self.count = 0
+
+    def add(self, loss: torch.Tensor) -> bool:
+        """Count one step's loss; False when it is known now not to be finite (``sync`` only)."""
+        if self.sync:
+            value = loss.item()
+            if not math.isfinite(value):
+                return False
+            self.total += value
+        else:
+            self.total = self.total + loss.detach().float()
+        self.count += 1
+        return True
+
+    def mean(self) -> float | None:
+        """The mean since the last call (None without a step), then start over."""
+        if not self.count:
+            return None
+        mean = float(self.total) / self.count
+        self.total, self.count = 0.0, 0
+        return mean
 
 
 class Loop:
@@ -137,7 +172,8 @@ class Loop:
         self.run, self.state, self.on_eval, self.state_path = run, state, on_eval, state_path
         self.until = until  # training seconds at which this rung ends (a sweep's promotion), or None
         self.t0 = time.perf_counter() - state.elapsed  # the clock budget and the schedule carry on
-        self.train_losses: list[float] = []
+        self.losses = LossMeter(sync=run.device != "cuda")
+        self.compile_seconds: float | None = None  # the first compiled step's, which compiles it
         self.window = (time.perf_counter(), 0)  # (since, tokens) for tokens/s between evaluations
         # Worse than twice a uniform guess is no longer training (lr=10 lands near 10 nats, not at NaN)
         self.diverged_above = 2 * math.log(len(run.corpus.vocab))
@@ -192,27 +228,31 @@ class Loop:
         if TrainState.load(self.state_path, run) is None:  # model, optimizer and RNGs as saved
             raise RuntimeError(f"cannot restore the state saved at {self.state_path} after a preview")
         state.step = step
-        self.train_losses.clear()
+        self.losses.mean()  # the copy's steps are not the run's
         return loss if math.isfinite(loss) else math.inf
 
     def step(self, lr: float) -> bool:
-        """One optimizer update; False (and no update) when the loss is not finite."""
+        """One optimizer update; False (and no update) when the loss is known not to be finite
+        (at once on CPU; on CUDA at the next evaluation, see :class:`LossMeter`)."""
         run = self.run
+        first_compiled = run.compiled is not None and self.compile_seconds is None
+        t0 = time.perf_counter()
         for g in run.optimizer.param_groups:
             g["lr"] = lr
         x, y = run.batches.next()
         with run.amp or contextlib.nullcontext():
-            _, loss = run.model(x, y)
-        loss_value = loss.item()
+            _, loss = (run.compiled if run.compiled is not None else run.model)(x, y)
         self.state.step += 1
-        if not math.isfinite(loss_value):
+        if not self.losses.add(loss):
             return False
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if run.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip)
         run.optimizer.step()
-        self.train_losses.append(loss_value)
+        if first_compiled:  # compiling happens in the first call, on the trial's clock
+            self.compile_seconds = time.perf_counter() - t0
+            run.tracker.log_metrics({"compile_seconds": self.compile_seconds}, step=self.state.step)
         self.window = (self.window[0], self.window[1] + run.cfg.train.batch_size * run.batches.length)
         return True
 
@@ -229,7 +269,7 @@ class Loop:
                   f"(best {best:.4f}) {tokens_per_sec / 1000:.1f}k tok/s", loss=f"{train_loss:.4f}",
                   val=f"{val_loss:.4f}", best=f"{best:.4f}", tok_s=f"{tokens_per_sec / 1000:.1f}k")
         self.window = (time.perf_counter(), 0)
-        if self.diverged(val_loss):
+        if self.diverged(val_loss) or ("train_loss" in row and not math.isfinite(train_loss)):
             return StopReason.DIVERGED
         reason = None
         if self.on_eval is not None:
@@ -257,9 +297,9 @@ class Loop:
             run.save_checkpoint({"step": state.step, "slice_val_loss": val.loss})
         row = {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_bpc": val.bpc, "lr": lr,
                "tokens_per_sec": tokens_per_sec, "train_seconds": self.elapsed()}  # the compute axis, beside step
-        if self.train_losses:
-            row["train_loss"] = sum(self.train_losses) / len(self.train_losses)
-            self.train_losses.clear()
+        train_loss = self.losses.mean()
+        if train_loss is not None:
+            row["train_loss"] = train_loss
         state.history.append({"step": state.step, **row})
         run.tracker.log_metrics(row, step=state.step)
         run.tracker.flush()

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from charlm import config, promotion
 from charlm.data import Corpus, load_corpus
+from charlm.device import explain
 from charlm.promotion import rung_budgets
 from charlm.search import compute_step
 from charlm.space import suggest
@@ -22,6 +23,7 @@ from charlm.storage import Session, artifact_store
 from charlm.tracking import MlflowTracker, ui_runs_url
 from charlm.train import EvalEvent, RunResult, StopReason, train
 
+PREVIEW = "preview_seconds"  # user attr: the rung-end previews' seconds, compute spent off the trial's clock
 MAX_RETRIES = 2  # a trial whose worker died is re-queued at most this many times
 _CORPUS: dict[tuple, Corpus] = {}
 
@@ -91,7 +93,9 @@ def climb(session: Session, trial: optuna.Trial, cfg: config.Config, tracker: Ml
         tracker.log_artifact(state_path, str(Path(promotion.STATE_ARTIFACT).parent))  # any host can go on from here
         storage.set_trial_system_attr(trial._trial_id, promotion.rung_key(k), result.rung_value)
         storage.set_trial_system_attr(trial._trial_id, promotion.RUNG, k)
-        for key, v in {"steps": result.steps, "train_seconds": round(result.train_seconds, 3)}.items():
+        spent = {"steps": result.steps, "train_seconds": round(result.train_seconds, 3),  # previews: every rung's so far
+                 PREVIEW: round(trial.user_attrs.get(PREVIEW, 0.0) + result.preview_seconds, 3)}
+        for key, v in spent.items():
             trial.set_user_attr(key, v)  # where it stands, should it pause here for good
         if not promotion.promotable(session.study.get_trials(deepcopy=False), k, trial.number, p.reduction_factor):
             storage.set_trial_system_attr(trial._trial_id, promotion.PAUSED, True)
@@ -140,7 +144,7 @@ def run_trial(session: Session, trial: optuna.Trial, before: optuna.trial.Frozen
                     tracker.set_tags({"optuna.state": "FAIL", "stop_reason": StopReason.INTERRUPTED})
         raise
     except Exception as e:  # one broken trial never stops the sweep; the reason stays on its run
-        message = f"{type(e).__name__}: {e}"
+        message = explain(e)
         print(f"trial {trial.number} failed: {message}", file=sys.stderr)
         with contextlib.suppress(Exception):
             trial.set_user_attr("error", message[:1000])

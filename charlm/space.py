@@ -65,6 +65,24 @@ class Param:
             text += f"   (when {self.when[0]} in {list(self.when[1])})"
         return text
 
+    def count(self) -> int:
+        """How many values :meth:`values` would list, without listing them (a range may hold 10^12)."""
+        if self.kind in ("choice", "fixed"):
+            return len(self.choices)
+        if self.kind == "int":
+            return len(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.step:
+            return int(round((self.high - self.low) / self.step)) + 1
+        raise SweepError(f"'{self.key}' is a continuous range; it has no finite list of values")
+
+    def few_values(self, most: int = 64) -> list:
+        """:meth:`values` when there are at most ``most``, else the two ends: what checks try."""
+        if self.count() <= most:
+            return self.values()
+        if self.kind in ("choice", "fixed"):
+            return [self.choices[0], self.choices[-1]]
+        return [self.low, self.low + (self.count() - 1) * (self.step or 1)]
+
     def values(self) -> list:
         """Every value (choices, or an int/stepped range); used by grid search and checks."""
         if self.kind in ("choice", "fixed"):
@@ -207,12 +225,7 @@ def check_corners(spec: SweepSpec) -> None:
     for branch in branches:
         active = [p for p in spec.space if p.when is None or p.when == branch]
         for p in active:
-            if p.kind == "float" and not p.step:
-                corner_values = [p.low, p.high]
-            else:
-                vals = p.values()
-                corner_values = vals if len(vals) <= 64 else [vals[0], vals[-1]]
-            for v in corner_values:
+            for v in [p.low, p.high] if p.kind == "float" and not p.step else p.few_values():
                 values = {q.key: _low(q) for q in active}
                 if branch:
                     values[branch[0]] = branch[1][0]
@@ -240,7 +253,7 @@ def _candidates(active: list[Param], base: config.Config, key: str) -> list:
     for p in active:
         if p.key == key:
             try:
-                return p.values()
+                return p.few_values(4096)
             except SweepError:
                 return [p.low, p.high]
     return [config.flatten(base)[key]]
@@ -281,7 +294,7 @@ def space_size(spec: SweepSpec) -> float:
     n = 1.0
     for p in spec.space:
         try:
-            n *= len(p.values())
+            n *= p.count()
         except SweepError:
             return math.inf
     return n

@@ -18,6 +18,7 @@ from charlm.config import ConfigError, is_int, is_number
 from charlm.space import Param, SweepError, check_corners, config_key, fail, parse_space, suggest, unknown
 
 SAMPLERS = ("tpe", "random", "grid")
+GRID_MAX = 100_000  # values of one key a grid lists; more is a typo, and would fill the memory
 PRUNERS = ("patience", "median", "successive_halving", "hyperband", "asha", "none")
 REFERENCES = ("median", "percentile", "best", "self")
 
@@ -272,6 +273,9 @@ def _grid_ready(path: str, space: tuple[Param, ...]) -> None:
     for p in space:
         if p.kind == "float" and not p.step:
             raise fail(path, f"space.{p.key}", "a choice or a stepped range for grid search", p.describe())
+        if p.count() > GRID_MAX:
+            raise fail(path, f"space.{p.key}", f"at most {GRID_MAX:,} values for grid search (or sampler tpe/random)",
+                       p.describe())
 
 
 def _experiment_path(path: str, key: str, value: Any) -> str:

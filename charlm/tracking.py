@@ -212,6 +212,7 @@ class MlflowTracker:
 
     def download(self, artifact_path: str) -> Path:
         """One of this run's artifacts, copied into the scratch folder (from any host)."""
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per promoted trial in the log
         return Path(self.client.download_artifacts(self.run_id, artifact_path, str(self.workdir)))
 
     def artifact_uri(self, artifact_path: str) -> str:

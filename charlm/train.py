@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from charlm.config import Config, dump_yaml, flatten
 from charlm.data import Batcher, Corpus, load_corpus
-from charlm.device import autocast_for, resolve_device
+from charlm.device import autocast_for, compile_for, guard_memory, resolve_device
 from charlm.evaluate import EvalResult
 from charlm.loop import EvalEvent, Loop, Run, StopReason, TrainState
 from charlm.models import build_model, count_params, generate
@@ -45,6 +45,7 @@ class RunResult:
     mixture: dict = field(default_factory=dict)  # model.mix_order > 0: mix_weight, network_test_loss
     slice_val_loss: float = math.nan  # the best intermediate evaluation: what a sweep ranks trials by
     rung_value: float = math.nan  # stopped at a rung's end: the val-slice loss of a decayed copy (Loop.preview)
+    preview_seconds: float = 0.0  # what that copy's decay and evaluation took (off the run's clock)
 
     @property
     def best_val_bpc(self) -> float:
@@ -57,6 +58,7 @@ class RunResult:
 
 def setup(cfg: Config, tracker: Tracker, corpus: Corpus | None) -> Run:
     device = resolve_device(cfg.train.device)
+    guard_memory(device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -66,10 +68,14 @@ def setup(cfg: Config, tracker: Tracker, corpus: Corpus | None) -> Run:
     model.fit(corpus.train)  # count-based models (ngram) learn from the whole split in one pass
     fit_seconds = time.perf_counter() - t_fit
     trainable = any(p.requires_grad for p in model.parameters())
+    compiled = None
+    if trainable and compile_for(cfg.train.compile, device):
+        torch._dynamo.reset()  # a worker's earlier trials (other shapes) must not use up the recompile limit
+        compiled = torch.compile(model)
     return Run(cfg, tracker, corpus, device, model, autocast_for(cfg.train.precision, device),
                make_optimizer(model, cfg) if trainable else None,
                Batcher(corpus.train, cfg.data.context, cfg.train.batch_size, cfg.train.seed, device),
-               count_params(model), fit_seconds)
+               count_params(model), fit_seconds, compiled)
 
 
 def log_params(run: Run) -> None:
@@ -78,6 +84,7 @@ def log_params(run: Run) -> None:
         **flatten(cfg), "model_kind": cfg.model.kind, "n_params": run.n_params, "data_sha256": run.corpus.sha256,
         "data_file": run.corpus.path.name, "vocab_size": len(run.corpus.vocab), "git_commit": git_commit(),
         "device": run.device, "amp": "bf16" if run.amp else "fp32", "torch_threads": torch.get_num_threads(),
+        "compiled": run.compiled is not None,
     })
     tracker.log_metrics({"n_params": run.n_params}, step=0)  # also a metric: the UI charts metrics, not params
     tracker.log_dataset(run.corpus)
@@ -119,7 +126,10 @@ def train(cfg: Config, tracker: Tracker, on_eval: Callable[[EvalEvent], StopReas
         keep_interrupted(run, state)
         raise
     if reason is StopReason.RUNG_END:
-        return finish(run, state, reason, loop.elapsed(), rung_value=loop.preview())
+        elapsed, t0 = loop.elapsed(), time.perf_counter()
+        value = loop.preview()
+        previewed = time.perf_counter() - t0
+        return replace(finish(run, state, reason, elapsed, rung_value=value), preview_seconds=previewed)
     if state_path is not None:  # finished: nothing left to resume
         Path(state_path).unlink(missing_ok=True)
     return finish(run, state, reason, loop.elapsed())

@@ -29,7 +29,8 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from charlm import promotion, tracking
+from charlm import interrupts, promotion, tracking
+from charlm.device import visible_gpus, worker_env
 from charlm.objective import requeue, run_trial
 from charlm.promotion import close_paused, is_paused, next_promotion
 from charlm.report import SweepProgress, counted, refresh_summary, target_trials
@@ -252,13 +253,15 @@ def spawn(path: str, n_trials: int, workers: int, storage_url: str, shown: Sweep
     """Start ``workers`` child processes on this sweep and wait for them, forwarding SIGTERM."""
     args = [sys.executable, "-m", "charlm", "sweep", path, "--n-trials", str(n_trials),
             "--storage", storage_url, "--workers", str(workers)]
-    procs = [subprocess.Popen(args + ["--worker-index", str(i)]) for i in range(workers)]
+    gpus = visible_gpus()  # shared round-robin; each worker capped at its share of its GPU's memory
+    procs = [subprocess.Popen(args + ["--worker-index", str(i)], env={**os.environ, **worker_env(i, workers, gpus)})
+             for i in range(workers)]
 
     def forward(signum, frame):
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signum)
-        raise SystemExit(128 + signum)
+        interrupts.handle(signum)  # raised once an MLflow call under way (the progress line's) returns
 
     old = signal.signal(signal.SIGTERM, forward)
     try:

@@ -73,10 +73,21 @@ def test_int_key_rejects_fraction(tmp_path):
     ("model: {dropout: 1.5}", "model.dropout", "a number in [0, 1)"),
     ("train: {lr: -1}", "train.lr", "a number > 0"),
     ("data: {val_fraction: 0.7}", "data.val_fraction", "a fraction in (0, 0.5)"),
+    ("train: {compile: maybe}", "train.compile", "one of auto | true | false"),
+    ("train: {precision: true}", "train.precision", "one of auto | fp32 | bf16"),
 ])
 def test_bad_values(tmp_path, text, key, expected):
     msg, f = _err(tmp_path, text + "\n")
     assert msg.startswith(f"Config key '{key}' in {f} must be {expected}, got ")
+
+
+def test_compile_takes_yaml_booleans_and_words(tmp_path):
+    """YAML reads `compile: true` as a boolean; the key holds the word, as --help and the docs say."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {compile: true}\n")
+    assert config.load(f).train.compile == "true"
+    assert config.load(f, ["train.compile=false"]).train.compile == "false"
+    assert config.load(None).train.compile == "auto"
 
 
 def test_yaml_syntax_error_has_line(tmp_path):

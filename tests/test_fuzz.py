@@ -147,7 +147,7 @@ def test_mutated_files_by_the_real_cli(tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text("model: {kind: gpt, n_layer: 4, n_head: 3, n_embd: 256}\n")
     sweep = tmp_path / "sweep.yaml"
-    doc = _sources()["sweeps"][1]
+    doc = next(d for d in _sources()["sweeps"] if d["study"]["name"] == "smoke")
     doc["space"]["train.patience"] = {"float": [1, 2]}
     sweep.write_text(yaml.safe_dump(doc))
     for args, needle in ((["train", str(exp), "--dry-run"], "'model.n_head'"),

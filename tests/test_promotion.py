@@ -80,6 +80,8 @@ def test_a_promoted_trial_continues_its_curve_and_its_optuna_trial(asha_study):
         after = next(v for s, v in val if s > rung_step)
         assert abs(after - before) < 0.15, (rung_step, before, after)  # it went on from where it was
     assert study.user_attrs["rung_seconds"] == pytest.approx([2 / 3, 2, 6])  # the plot's rung lines
+    # the rung-end previews run off the clock; their seconds are kept for honest compute totals
+    assert all(t.user_attrs["preview_seconds"] > 0 for t in trials if promotion.RUNG in t.system_attrs)
     assert (cwd / "mlruns" / "reports" / "asha" / "quality_vs_time.png").stat().st_size > 1000
     for t in trials:
         if t.state == TrialState.PRUNED:  # paused at a rung, then closed with its best value

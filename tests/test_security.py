@@ -200,3 +200,21 @@ def test_sigterm_during_a_checkpoint_write_lets_the_file_complete(tmp_path, char
     assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weights"], blob["weights"])
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
     _sigterm_raises_at_once()
+
+
+def test_a_second_signal_while_one_waits_raises_at_once(charlm_signals):
+    """A hung call inside a guarded section must not make Ctrl-C wait for ever: the second signal
+    raises at once, and the first is not raised again afterwards."""
+    interrupts = charlm_signals
+    interrupts.enter()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # deferred
+        with pytest.raises(SystemExit) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert e.value.code == 143
+    finally:
+        interrupts.leave()  # nothing left pending: no second exit
+    assert interrupts._depth == 0 and interrupts._pending is None
+    _sigterm_raises_at_once()

@@ -68,6 +68,21 @@ def _doc(**changes):
     return doc
 
 
+def test_a_huge_int_range_is_checked_without_listing_its_values(tmp_path, monkeypatch):
+    """A range of 10^12 integers (a typo for 10) is checked at its ends and counted, never listed
+    (that was a MemoryError with a traceback); a grid over it is refused in one line."""
+    from charlm.space import space_size
+
+    monkeypatch.chdir(ROOT)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(_doc(space={"train.patience": {"int": [4, 10**12]}})))
+    assert space_size(load_sweep(f)) == 10**12 - 3
+    f.write_text(yaml.safe_dump(_doc(space={"data.context": {"choice": list(range(8, 78))}})))  # 70 choices
+    assert space_size(load_sweep(f)) == 70  # checked at its first and last choice, not at 0 and 69
+    msg = _sweep_err(tmp_path, _doc(space={"train.patience": {"int": [4, 10**12]}}, sampler={"type": "grid"}))
+    assert "'space.train.patience'" in msg and "at most 100,000 values for grid search" in msg
+
+
 def test_sweep_errors_name_file_key_and_expectation(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert "Unknown sweep key 'study.n_trails'" in _sweep_err(tmp_path, _doc(study={"name": "t", "n_trails": 3}))

@@ -167,6 +167,44 @@ def test_divergence_stops_the_run(tiny_cfg):
         assert res.stop_reason == "diverged" and res.steps <= 10, lr
 
 
+@pytest.mark.parametrize("sync", [True, False], ids=["cpu-every-step", "cuda-at-evaluations"])
+def test_a_loss_that_is_not_finite_stops_the_run_at_once_or_at_the_next_evaluation(tiny_cfg, sync):
+    """On CPU each step's loss is read at once; on CUDA the sum stays on the device (no per-step
+    sync) and a NaN is caught at the next evaluation. Either way the run ends DIVERGED, and a run
+    never keeps weights from after the divergence as its best."""
+    from charlm.loop import Loop, LossMeter, StopReason
+    from charlm.train import resume, setup
+
+    t = dataclasses.replace(tiny_cfg.train, lr=1e6, warmup_steps=0, validation_interval=10)
+    run = setup(dataclasses.replace(tiny_cfg, train=t), NullTracker(), None)
+    loop = Loop(run, resume(run, None), None, None)
+    loop.losses = LossMeter(sync=sync)  # what the device decides; the CUDA branch tested here on CPU
+    assert loop.until_stop(progress=False) is StopReason.DIVERGED
+    if sync:
+        assert loop.state.step < t.validation_interval and not loop.state.history
+    else:
+        assert loop.state.step == t.validation_interval
+        assert not math.isfinite(loop.state.history[-1]["train_loss"])
+    assert loop.state.best_state is None  # no evaluation was ever good enough to keep
+
+
+@pytest.mark.slow  # compiling even a tiny model takes tens of seconds on 2 cores
+def test_compiled_training_reaches_the_loss_of_eager_training(tiny_cfg):
+    """train.compile=true on CPU: the same run, the step through torch.compile, lands within
+    noise of the eager run, and the compile time is logged."""
+    t = dataclasses.replace(tiny_cfg.train, max_steps=60)
+    runs = {}
+    for setting in ("false", "true"):
+        tracker = NullTracker()
+        cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(t, compile=setting))
+        runs[setting] = (train(cfg, tracker), tracker)
+    eager, (compiled, tracker) = runs["false"][0], runs["true"]
+    assert tracker.params["compiled"] == "True" and runs["false"][1].params["compiled"] == "False"
+    assert tracker.metrics["compile_seconds"][0][1] > 0
+    assert compiled.steps == eager.steps == 60
+    assert abs(compiled.best_val_loss - eager.best_val_loss) < 0.05
+
+
 def test_interrupted_run_resumes_from_its_saved_state_to_the_same_result(tiny_cfg, tmp_path):
     """With state_path, a run stopped at step 20 and started again carries on from step 20
     (weights, optimizer moments, batch order, patience) and ends exactly where an

@@ -50,7 +50,7 @@ class Mixture(CharModel):
         if self.training or self.gate[0] == math.inf:  # the network alone; see the module docstring
             return self.neural(idx, targets)
         a = F.log_softmax(self.neural(idx)[0].float(), dim=-1)
-        b = self.ngram.lookup(idx)[0]
+        b = self.ngram(idx)[0]  # the n-gram's logits are its log-probabilities
         log_w, log_1w = _log_weights(self.gate.to(a.device), entropy(a), entropy(b))
         logits = torch.logaddexp(a + log_w.unsqueeze(-1), b + log_1w.unsqueeze(-1))
         loss = None
@@ -94,7 +94,7 @@ def _log_weights(gate, ha, hb) -> tuple[torch.Tensor, torch.Tensor]:
 def _parts(model: Mixture, x, y) -> torch.Tensor:
     """Per character: the network's and the n-gram's log-probability of it, and their entropies."""
     a = F.log_softmax(model.neural(x)[0].float(), dim=-1)
-    b = model.ngram.lookup(x)[0]
+    b = model.ngram(x)[0]
     pick = y.unsqueeze(-1)
     return torch.stack([a.gather(-1, pick)[..., 0], b.gather(-1, pick)[..., 0], entropy(a), entropy(b)], -1)
 

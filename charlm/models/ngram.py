@@ -89,20 +89,10 @@ class NGram(CharModel):
         self._build_tables()
 
     def forward(self, idx, targets=None):
-        logits, _ = self.lookup(idx)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, self.vocab_size), targets.reshape(-1))
-        return logits, loss
-
-    def lookup(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities (B, T, V) and, per position, the longest history the training text
-        holds (0 .. context characters): how much the n-gram knows there."""
         B, T = idx.shape
         V = self.vocab_size
         x = idx.detach().cpu().long().numpy()
         probs = np.full((B, T, V), 1.0 / V)
-        deepest = np.zeros((B, T), dtype=np.int64)
         history = np.zeros((B, T), dtype=np.int64)  # base-V id of the last k characters
         for k in range(self.context + 1):
             if k > T:  # no position in so short a sequence has k characters of history
@@ -123,8 +113,11 @@ class NGram(CharModel):
             total = c.sum(axis=1, keepdims=True)
             types = (c > 0).sum(axis=1, keepdims=True)
             probs[seen] = (np.maximum(c - d, 0) + d * types * probs[seen]) / total
-            deepest[seen] = k
-        return torch.from_numpy(np.log(probs)).float().to(idx.device), torch.from_numpy(deepest).to(idx.device)
+        logits = torch.from_numpy(np.log(probs)).float().to(idx.device)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, V), targets.reshape(-1))
+        return logits, loss
 
     def eval_plan(self, stride: int) -> tuple[int, int]:
         return self.context - 1 + EVAL_CHUNK if self.context else EVAL_CHUNK, EVAL_CHUNK

@@ -1,0 +1,58 @@
+"""The CUDA branches on a real GPU: compiled training, the loss kept on the device, the memory
+guard of workers sharing a GPU. Run by bench/gpu_check.sh (``pytest -m gpu``) on a GPU machine;
+tests/test_device.py and tests/test_train.py test the same logic on CPU."""
+
+import dataclasses
+import math
+import os
+import subprocess
+
+import pytest
+import torch
+
+from charlm.tracking import NullTracker
+from charlm.train import train
+from helpers import PYTHON, ROOT
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def cuda_cfg(tiny_cfg):
+    assert torch.cuda.is_available(), "the gpu tests need a CUDA GPU (bench/gpu_check.sh)"
+    return dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, device="cuda", max_steps=60))
+
+
+def test_compiled_cuda_training_reaches_the_loss_of_eager(cuda_cfg):
+    results = {}
+    for setting in ("false", "auto"):  # auto compiles on CUDA
+        tracker = NullTracker()
+        cfg = dataclasses.replace(cuda_cfg, train=dataclasses.replace(cuda_cfg.train, compile=setting))
+        results[setting] = (train(cfg, tracker), tracker)
+    (eager, _), (compiled, tracker) = results["false"], results["auto"]
+    assert tracker.params["compiled"] == "True" and tracker.metrics["compile_seconds"][0][1] > 0
+    assert compiled.steps == eager.steps == 60
+    assert abs(compiled.best_val_loss - eager.best_val_loss) < 0.05
+
+
+def test_a_nan_on_cuda_is_caught_at_the_next_evaluation(cuda_cfg):
+    t = dataclasses.replace(cuda_cfg.train, lr=1e6, warmup_steps=0, validation_interval=10)
+    res = train(dataclasses.replace(cuda_cfg, train=t), NullTracker())
+    assert res.stop_reason == "diverged" and res.steps == t.validation_interval
+    assert math.isnan(res.best_val_loss)  # nothing was ever good enough to keep
+
+
+def test_a_worker_over_its_share_of_gpu_memory_fails_with_the_reason():
+    """Four workers share the GPU: each may use 22% of it; asking for half fails in that worker."""
+    code = ("import torch\n"
+            "from charlm.device import guard_memory, explain\n"
+            "assert guard_memory('cuda') is not None\n"
+            "free, total = torch.cuda.mem_get_info()\n"
+            "try:\n"
+            "    torch.empty(int(total * 0.5), dtype=torch.uint8, device='cuda')\n"
+            "except Exception as e:\n"
+            "    print(explain(e))\n")
+    r = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CHARLM_GPU_WORKERS": "4"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("out of GPU memory: this worker may use 22% of a GPU it shares with 3 other worker(s)")
