@@ -60,10 +60,15 @@ def worker_env(index: int, workers: int, gpus: list[str]) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": gpus[slot], GPU_WORKERS: str(len(range(slot, workers, len(gpus))))}
 
 
+def _sharing() -> int:
+    """How many workers share this process's GPU (1 outside a multi-worker sweep)."""
+    return int(os.environ.get(GPU_WORKERS, "1"))
+
+
 def guard_memory(device: str) -> float | None:
     """A worker sharing its GPU with others may use its share of the memory, so one whose model does
     not fit fails its own trial (out of memory, with :func:`explain`) instead of the others'."""
-    sharing = int(os.environ.get(GPU_WORKERS, "1"))
+    sharing = _sharing()
     if device != "cuda" or sharing <= 1:
         return None
     fraction = MEMORY_MARGIN / sharing
@@ -74,7 +79,7 @@ def guard_memory(device: str) -> float | None:
 def explain(e: Exception) -> str:
     """A trial's failure as one line; running out of a shared GPU's memory says what to change."""
     message = f"{type(e).__name__}: {e}"
-    sharing = int(os.environ.get(GPU_WORKERS, "1"))
+    sharing = _sharing()
     if isinstance(e, torch.OutOfMemoryError) and sharing > 1:
         return (f"out of GPU memory: this worker may use {MEMORY_MARGIN / sharing:.0%} of a GPU it shares "
                 f"with {sharing - 1} other worker(s); run fewer --workers or a smaller model ({message})")

@@ -12,7 +12,6 @@ gate ``w = sigmoid(c0 + c1 H_network + c2 H_ngram)``. The test split is never re
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from charlm import checkpoint  # noqa: E402
 from charlm.data import load_corpus  # noqa: E402
 from charlm.evaluate import per_char  # noqa: E402
-from charlm.models.mixture import Mixture, _parts, best_weight, fit_gate, mixed_loss  # noqa: E402
+from charlm.models.mixture import Mixture, _parts, best_weight, constant_gate, fit_gate, mixed_loss  # noqa: E402
 
 
 def main() -> None:
@@ -39,9 +38,8 @@ def main() -> None:
     first = torch.arange(len(parts)) < len(parts) // 2
     rows = {"one weight": [], "entropy gate": []}
     for fit, score in ((~first, first), (first, ~first)):
-        w = best_weight(*parts[fit, :2].unbind(-1))
-        rows["one weight"].append(float(mixed_loss(torch.tensor([math.log(w / (1 - w)), 0.0, 0.0]),
-                                                   *parts[score].unbind(-1))))
+        one = constant_gate(best_weight(*parts[fit, :2].unbind(-1)))
+        rows["one weight"].append(float(mixed_loss(one, *parts[score].unbind(-1))))
         rows["entropy gate"].append(float(mixed_loss(fit_gate(*parts[fit].unbind(-1)), *parts[score].unbind(-1))))
     print(f"val split: {len(val):,} characters; network alone {-float(parts[:, 0].mean()):.4f}, "
           f"{ck.cfg.model.mix_order}-gram alone {-float(parts[:, 1].mean()):.4f}")

@@ -198,7 +198,7 @@ def test_mixture_trains_the_network_alone_then_fits_its_weight_on_val(tmp_path, 
 def test_the_entropy_gate_beats_one_weight_where_each_model_knows_when_it_is_sure():
     """Where the network is sure it is right and the n-gram unsure, and the other way round, the
     gate learns to trust the sure one; it is never worse than the best single weight."""
-    from charlm.models.mixture import best_weight, fit_gate, mixed_loss
+    from charlm.models.mixture import best_weight, constant_gate, fit_gate, mixed_loss
 
     g = torch.Generator().manual_seed(0)
     n = 4000
@@ -208,8 +208,7 @@ def test_the_entropy_gate_beats_one_weight_where_each_model_knows_when_it_is_sur
     b = torch.where(net_sure, math.log(0.1), math.log(0.9)).double()
     ha = torch.where(net_sure, 0.5, 3.0).double()
     hb = torch.where(net_sure, 3.0, 0.5).double()
-    w = best_weight(a, b)
-    one = float(mixed_loss(torch.tensor([math.log(w / (1 - w)), 0.0, 0.0]), a, b, ha, hb))
+    one = float(mixed_loss(constant_gate(best_weight(a, b)), a, b, ha, hb))
     gated = float(mixed_loss(fit_gate(a, b, ha, hb), a, b, ha, hb))
     assert gated < one - 0.2  # one weight: ~0.69 nats; the gate: close to -log 0.9 = 0.105
     same = torch.full_like(ha, 1.0)  # no entropy to tell them apart: the gate is one weight

@@ -40,8 +40,7 @@ class Mixture(CharModel):
 
     def set_weight(self, w: float) -> None:
         """One weight for every character: 1 = the network alone, 0 = the n-gram alone."""
-        c0 = math.inf if w >= 1 else -math.inf if w <= 0 else math.log(w / (1 - w))
-        self.gate.copy_(torch.tensor([c0, 0.0, 0.0]))
+        self.gate.copy_(constant_gate(w))
 
     def fit(self, ids: torch.Tensor) -> None:
         self.ngram.fit(ids)
@@ -81,6 +80,12 @@ class Mixture(CharModel):
         return self.neural.flops_per_token(seq_len)
 
 
+def constant_gate(w: float) -> torch.Tensor:
+    """The gate that gives every character the weight ``w`` (1 and 0 exactly, as +-inf)."""
+    c0 = math.inf if w >= 1 else -math.inf if w <= 0 else math.log(w / (1 - w))
+    return torch.tensor([c0, 0.0, 0.0], dtype=torch.float64)
+
+
 def entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp.clamp(min=-1e4)).sum(-1)
 
@@ -115,8 +120,7 @@ def best_weight(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def fit_gate(a, b, ha, hb) -> torch.Tensor:
     """(c0, c1, c2) minimising the mixed loss, from the best single weight (never worse than it)."""
-    w = best_weight(a, b)
-    start = torch.tensor([math.log(w / (1 - w)), 0.0, 0.0], dtype=torch.float64)
+    start = constant_gate(best_weight(a, b))
     gate = start.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([gate], max_iter=100, line_search_fn="strong_wolfe")
 
