@@ -3,7 +3,9 @@
     python bench/search.py [--minutes 12] [--workers 2] [--sweep sweeps/default.yaml]
 
 Each scheme runs `python -m charlm sweep` in a fresh folder for ``--minutes`` (study.timeout_min;
-trials under way then finish), with the sweep file's space and base:
+trials under way then finish), with the sweep file's space, base and fixed settings (its schedule
+included), written in the file's own key order so the sampler draws the same trials as the study
+does; only the pruner and the trial clock differ:
 
 (a) asha: promotion with continued training; top rung = minutes / 3 of training, three rungs by
     3 (top / 9, top / 3, top), the shape of the default study's 40 s / 2 min / 6 min;
@@ -39,17 +41,17 @@ def scheme_docs(base_doc: dict, minutes: float) -> dict[str, tuple[dict, float]]
     """Sweep documents of the three schemes, each with the top training budget in seconds."""
     top = minutes / 3
     schemes = {
-        "asha": ({"type": "asha", "min_seconds": top * 60 / 9, "reduction_factor": 3}, top, "wsd"),
+        "asha": ({"type": "asha", "min_seconds": top * 60 / 9, "reduction_factor": 3}, top),
         "patience": ({"type": "patience", "reference": "median", "min_trials": 3, "warmup_seconds": minutes * 60 / 36},
-                     minutes / 6, "cosine"),
-        "hyperband": ({"type": "hyperband"}, top, "cosine"),
+                     minutes / 6),
+        "hyperband": ({"type": "hyperband"}, top),
     }
     docs = {}
-    for name, (pruner, clock, schedule) in schemes.items():
-        doc = yaml.safe_load(yaml.safe_dump(base_doc))
+    for name, (pruner, clock) in schemes.items():
+        doc = yaml.safe_load(yaml.safe_dump(base_doc, sort_keys=False))
         doc["study"] = {**doc["study"], "name": f"search-{name}", "n_trials": 1000, "timeout_min": minutes}
         doc["pruner"] = pruner
-        doc["fixed"] = {**doc.get("fixed", {}), "train.max_minutes": clock, "train.schedule": schedule}
+        doc["fixed"] = {**doc.get("fixed", {}), "train.max_minutes": clock}
         doc["base"] = str((ROOT / doc["base"]).resolve()) if not Path(doc["base"]).is_absolute() else doc["base"]
         doc.pop("baseline", None)
         docs[name] = (doc, clock * 60)
@@ -58,7 +60,7 @@ def scheme_docs(base_doc: dict, minutes: float) -> dict[str, tuple[dict, float]]
 
 def run_scheme(name: str, doc: dict, top_seconds: float, workers: int, folder: Path) -> dict:
     sweep = folder / f"{name}.yaml"
-    sweep.write_text(yaml.safe_dump(doc))
+    sweep.write_text(yaml.safe_dump(doc, sort_keys=False))  # key order decides the draws
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "charlm", "sweep", str(sweep), "--workers", str(workers)], cwd=folder,
                    check=True, stdout=subprocess.DEVNULL)
