@@ -1,12 +1,14 @@
-"""One mixing weight, or a weight per character gated by the two models' entropies? Chosen on val
-only (docs/REPORT.md section 8).
+"""One mixing weight, a weight per character gated by the two models' entropies, or that gate over
+three experts (the network, the n-gram, their normalised product)? Chosen on val only
+(docs/REPORT.md section 8).
 
     python docs/mix_gate.py [--model mlruns/best/default]
 
 Takes a saved mixture (``make best``'s model) and scores its val split once per part: the
-network's and the n-gram's log-probability of each character and the entropy of each prediction.
-Each half of val then fits what the other half is scored with (two-fold): one weight, and the
-gate ``w = sigmoid(c0 + c1 H_network + c2 H_ngram)``. The test split is never read.
+network's and the n-gram's log-probabilities of every character. Each half of val then fits what
+the other half is scored with (two-fold): one weight; the gate ``w = sigmoid(c0 + c1 H_network +
+c2 H_ngram)`` of network against n-gram; and the shipped gate, which adds their product as a third
+expert (charlm/models/mixture.py). The test split is never read.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from charlm import checkpoint  # noqa: E402
 from charlm.data import load_corpus  # noqa: E402
 from charlm.evaluate import per_char  # noqa: E402
-from charlm.models.mixture import Mixture, _parts, best_weight, constant_gate, fit_gate, mixed_loss  # noqa: E402
+from charlm.models.mixture import Mixture, _parts, best_weight, constant_gate, fit_gate, mixed_loss, split_parts  # noqa: E402
 
 
 def main() -> None:
@@ -34,15 +36,16 @@ def main() -> None:
         raise SystemExit(f"{args.model} is not a mixture (model.mix_order = 0)")
     t = ck.cfg.train
     val = load_corpus(ck.cfg.data).val
-    parts = per_char(ck.model, val, _parts, t.eval_stride, t.eval_batch_size, "cpu")
-    first = torch.arange(len(parts)) < len(parts) // 2
-    rows = {"one weight": [], "entropy gate": []}
-    for fit, score in ((~first, first), (first, ~first)):
-        one = constant_gate(best_weight(*parts[fit, :2].unbind(-1)))
-        rows["one weight"].append(float(mixed_loss(one, *parts[score].unbind(-1))))
-        rows["entropy gate"].append(float(mixed_loss(fit_gate(*parts[fit].unbind(-1)), *parts[score].unbind(-1))))
-    print(f"val split: {len(val):,} characters; network alone {-float(parts[:, 0].mean()):.4f}, "
-          f"{ck.cfg.model.mix_order}-gram alone {-float(parts[:, 1].mean()):.4f}")
+    a, b, y = split_parts(per_char(ck.model, val, _parts, t.eval_stride, t.eval_batch_size, "cpu"))
+    right = [m.gather(-1, y.unsqueeze(-1))[..., 0] for m in (a, b)]
+    first = torch.arange(len(y)) < len(y) // 2
+    designs = {"one weight": lambda k: constant_gate(best_weight(right[0][k], right[1][k])),
+               "entropy gate, network against n-gram": lambda k: fit_gate(a[k], b[k], y[k], product=False),
+               "entropy gate over network, n-gram and product": lambda k: fit_gate(a[k], b[k], y[k])}
+    rows = {name: [float(mixed_loss(fit(k), a[~k], b[~k], y[~k])) for k in (~first, first)]
+            for name, fit in designs.items()}
+    print(f"val split: {len(val):,} characters; network alone {-float(right[0].mean()):.4f}, "
+          f"{ck.cfg.model.mix_order}-gram alone {-float(right[1].mean()):.4f}")
     print("| fitted on the other half | first half | second half | mean |\n|---|---|---|---|")
     for name, (one, two) in rows.items():
         print(f"| {name} | {one:.4f} | {two:.4f} | {(one + two) / 2:.4f} |")

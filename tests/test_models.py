@@ -195,6 +195,17 @@ def test_mixture_trains_the_network_alone_then_fits_its_weight_on_val(tmp_path, 
     assert not torch.equal(mix(changed)[0][:, 8], mix(idx)[0][:, 8])
 
 
+def _predictions(right: torch.Tensor, p_right: torch.Tensor, wrong: list[int], vocab: int = 8) -> torch.Tensor:
+    """Log-probabilities over ``vocab`` characters: ``p_right`` on ``right``, the rest spread evenly
+    over the characters ``wrong`` (each row's own, shifted by its right character)."""
+    n = len(right)
+    p = torch.full((n, vocab), 1e-6, dtype=torch.float64)
+    for w in wrong:
+        p[torch.arange(n), (right + w) % vocab] = (1 - p_right.double()) / len(wrong)
+    p[torch.arange(n), right] = p_right.double()
+    return (p / p.sum(-1, keepdim=True)).log()
+
+
 def test_the_entropy_gate_beats_one_weight_where_each_model_knows_when_it_is_sure():
     """Where the network is sure it is right and the n-gram unsure, and the other way round, the
     gate learns to trust the sure one; it is never worse than the best single weight."""
@@ -203,16 +214,32 @@ def test_the_entropy_gate_beats_one_weight_where_each_model_knows_when_it_is_sur
     g = torch.Generator().manual_seed(0)
     n = 4000
     net_sure = torch.rand(n, generator=g) < 0.5
-    # the sure model gives the right character 0.9 (entropy 0.5), the unsure one 0.1 (entropy 3)
-    a = torch.where(net_sure, math.log(0.9), math.log(0.1)).double()
-    b = torch.where(net_sure, math.log(0.1), math.log(0.9)).double()
-    ha = torch.where(net_sure, 0.5, 3.0).double()
-    hb = torch.where(net_sure, 3.0, 0.5).double()
-    one = float(mixed_loss(constant_gate(best_weight(a, b)), a, b, ha, hb))
-    gated = float(mixed_loss(fit_gate(a, b, ha, hb), a, b, ha, hb))
+    y = torch.zeros(n, dtype=torch.long)
+    sure, unsure = _predictions(y, torch.full((n,), 0.9), [1]), _predictions(y, torch.full((n,), 0.1), [2, 3, 4, 5, 6, 7])
+    a = torch.where(net_sure[:, None], sure, unsure)  # the sure one: 0.9 right; the unsure: 0.1, the rest spread
+    b = torch.where(net_sure[:, None], unsure, sure)
+    one = float(mixed_loss(constant_gate(best_weight(a[:, 0], b[:, 0])), a, b, y))
+    gated = float(mixed_loss(fit_gate(a, b, y, product=False), a, b, y))
     assert gated < one - 0.2  # one weight: ~0.69 nats; the gate: close to -log 0.9 = 0.105
-    same = torch.full_like(ha, 1.0)  # no entropy to tell them apart: the gate is one weight
-    assert float(mixed_loss(fit_gate(a, b, same, same), a, b, same, same)) <= one + 1e-9
+    a, b = sure, unsure  # the same sureness everywhere: no entropy to tell characters apart
+    one = float(mixed_loss(constant_gate(best_weight(a[:, 0], b[:, 0])), a, b, y))
+    assert float(mixed_loss(fit_gate(a, b, y), a, b, y)) <= one + 1e-9
+
+
+def test_the_product_is_sure_where_the_two_models_agree_only_on_the_right_character():
+    """Both models give the right character 0.4 and put the rest on different wrong ones: any
+    weighted sum of them stays at 0.4, their normalised product is near 1. The gate over three
+    experts finds it; without the product it cannot."""
+    from charlm.models.mixture import fit_gate, mixed_loss
+
+    n = 2000
+    y = torch.arange(n) % 4
+    a = _predictions(y, torch.full((n,), 0.4), [1, 2])
+    b = _predictions(y, torch.full((n,), 0.4), [3, 4])
+    two = float(mixed_loss(fit_gate(a, b, y, product=False), a, b, y))
+    three = float(mixed_loss(fit_gate(a, b, y), a, b, y))
+    assert two == pytest.approx(-math.log(0.4), abs=1e-3)
+    assert three < 0.1
 
 
 def test_a_mixture_saved_with_one_weight_loads_as_that_weight(tmp_path, tiny_cfg):
@@ -238,3 +265,30 @@ def test_a_mixture_saved_with_one_weight_loads_as_that_weight(tmp_path, tiny_cfg
     assert full_pass(model, corpus.val).loss == pytest.approx(full_pass(a, corpus.val).loss, abs=1e-9)
     model.set_weight(0.0)
     assert full_pass(model, corpus.val).loss == pytest.approx(full_pass(b, corpus.val).loss, abs=1e-6)
+
+
+def test_a_mixture_saved_before_the_product_loads_as_its_two_expert_gate(tmp_path, tiny_cfg):
+    """Checkpoints whose gate is (c0, c1, c2) of network against n-gram score as they did:
+    w = sigmoid(c0 + c1 H_net + c2 H_ngram), p = w p_net + (1 - w) p_ngram."""
+    import torch.nn.functional as F
+
+    from charlm import checkpoint
+    from charlm.data import load_corpus
+    from charlm.models import build_model
+    from charlm.models.mixture import entropy
+
+    cfg = config.override(tiny_cfg, {"model.mix_order": 3}, where="test")
+    corpus = load_corpus(cfg.data)
+    model = build_model(cfg, len(corpus.vocab)).eval()
+    model.fit(corpus.train)
+    path = checkpoint.save(tmp_path / "model.pt", model, cfg, corpus.vocab, {})
+    blob = torch.load(path, weights_only=True)
+    blob["model"]["gate"] = torch.tensor([0.2, 0.3, -0.4], dtype=torch.float64)  # the old format
+    torch.save(blob, path)
+    old = checkpoint.load(path).model.eval()
+    idx = corpus.val[:model.context][None].long()
+    a = F.log_softmax(model.neural(idx)[0].float(), -1)
+    b = model.ngram(idx)[0]
+    z = 0.2 + 0.3 * entropy(a) - 0.4 * entropy(b)
+    expected = torch.logaddexp(a + F.logsigmoid(z).unsqueeze(-1), b + F.logsigmoid(-z).unsqueeze(-1))
+    assert torch.allclose(old(idx)[0], expected, atol=1e-5)
