@@ -2,7 +2,10 @@
 
 Every ``validation_interval`` steps (and at the last step or when the clock runs out) an evaluation
 on the fixed val slice feeds the patience rule, keeps the best weights, saves the whole state for
-an exact resume, and asks ``on_eval`` whether to stop.
+an exact resume, and asks ``on_eval`` whether to stop. A ``wsd`` run that runs out of patience at
+its peak learning rate decays first (over ``decay_fraction`` of its steps so far, as a rung's
+preview does) and stops after: stopped at the peak it would keep weights no decayed run is
+judged by.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from charlm.config import Config, to_dict
 from charlm.data import Batcher, Corpus
 from charlm.evaluate import EvalResult, full_pass
 from charlm.models.base import CharModel
-from charlm.optim import lr_at
+from charlm.optim import decayed, lr_at
 from charlm.progress import Progress
 from charlm.stopping import Patience
 from charlm.tracking import Tracker
@@ -104,6 +107,8 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one row per evaluation
     eval_seconds: float = 0.0
     elapsed: float = 0.0  # training seconds up to the last save
+    cooldown_from: int = 0  # wsd out of patience at its peak: the step its decay began, and its length
+    cooldown_steps: int = 0
 
     def save(self, path: Path, run: Run) -> None:
         loop = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "stop"}
@@ -190,29 +195,50 @@ class Loop:
         if run.optimizer is None:  # nothing to optimise: one evaluation of the fitted model
             self.evaluate(0.0, len(run.corpus.train) / max(run.fit_seconds, 1e-9))
             return StopReason.FITTED
-        if state.stop.should_stop:  # resumed from the evaluation that ran out of patience
+        if state.stop.should_stop and not self.cooling():  # resumed from the evaluation that ran out of patience
             return StopReason.EARLY_STOP
         bar = Progress(f"train {run.cfg.name or run.cfg.model.kind}", t.max_steps, "step",
                        enabled=progress, initial=state.step)
         run.model.train()
         try:
             while state.step < t.max_steps:
-                lr = lr_at(state.step, run.cfg, self.elapsed())
+                lr = self.lr()
                 if not self.step(lr):
                     return StopReason.DIVERGED
                 bar.advance()
                 now = self.elapsed()
                 out_of_time = t.max_minutes > 0 and now >= t.max_minutes * 60
-                rung_end = self.until is not None and now >= self.until
-                if state.step % t.validation_interval == 0 or state.step == t.max_steps or out_of_time or rung_end:
+                rung_end = self.until is not None and now >= self.until and not self.cooling()
+                cooled = self.cooling() and state.step >= state.cooldown_from + state.cooldown_steps
+                if (state.step % t.validation_interval == 0 or state.step == t.max_steps or out_of_time or rung_end
+                        or cooled):
                     reason = self.after_evaluation(lr, bar, out_of_time)
                     if reason is not None:
                         return reason
-                    if rung_end:
+                    if cooled:
+                        return StopReason.EARLY_STOP
+                    if rung_end and not self.cooling():
                         return StopReason.RUNG_END
             return StopReason.MAX_STEPS
         finally:
             bar.close()
+
+    def lr(self) -> float:
+        state, t = self.state, self.run.cfg.train
+        if self.cooling():
+            return decayed(t.lr, t.lr * t.min_lr_ratio, state.step - state.cooldown_from + 1, state.cooldown_steps)
+        return lr_at(state.step, self.run.cfg, self.elapsed())
+
+    def cooling(self) -> bool:
+        return self.state.cooldown_steps > 0
+
+    def start_cooldown(self) -> bool:
+        """Out of patience: a wsd run still at its peak decays before it stops (True); any other stops now."""
+        state, t = self.state, self.run.cfg.train
+        if t.schedule != "wsd" or self.cooling() or lr_at(state.step, self.run.cfg, self.elapsed()) < t.lr:
+            return False
+        state.cooldown_from, state.cooldown_steps = state.step, max(1, round(t.decay_fraction * state.step))
+        return True
 
     def preview(self) -> float:
         """The val-slice loss of a copy whose learning rate decays to the floor over the last
@@ -222,7 +248,7 @@ class Loop:
         step, lr, floor = state.step, lr_at(state.step, run.cfg, self.elapsed()), t.lr * t.min_lr_ratio
         n = max(1, round(t.decay_fraction * step))
         for i in range(1, n + 1):
-            if not self.step(lr + (floor - lr) * i / n):
+            if not self.step(decayed(lr, floor, i, n)):
                 break
         loss = run.score(run.val_slice(), run.amp).loss
         if TrainState.load(self.state_path, run) is None:  # model, optimizer and RNGs as saved
@@ -261,6 +287,7 @@ class Loop:
         state = self.state
         tokens_per_sec = self.window[1] / max(1e-9, time.perf_counter() - self.window[0])
         row, fired = self.evaluate(lr, tokens_per_sec)
+        decaying = self.cooling() or (fired and self.start_cooldown())  # decided before the save resumes it
         if self.state_path is not None:
             state.elapsed = self.elapsed()
             state.save(self.state_path, self.run)
@@ -275,6 +302,8 @@ class Loop:
         if self.on_eval is not None:
             reason = self.on_eval(EvalEvent(state.step, val_loss, train_loss, best, lr, tokens_per_sec,
                                             row["train_seconds"]))
+        if decaying:  # out of patience, its decay under way: neither the pruner nor a rung stops it, only the clock
+            return StopReason.EARLY_STOP if out_of_time else None
         if fired:  # its own patience ran out: an early stop, even when the pruner fired at this evaluation too
             return StopReason.EARLY_STOP
         if reason:

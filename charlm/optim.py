@@ -36,6 +36,12 @@ def lr_at(step: int, cfg: Config, elapsed: float = 0.0) -> float:
     return t.lr
 
 
+def decayed(lr: float, floor: float, i: int, n: int) -> float:
+    """Step ``i`` of a linear decay from ``lr`` to ``floor`` over ``n`` steps (a wsd decay started
+    early: a rung's preview, or a run out of patience at its peak)."""
+    return lr + (floor - lr) * min(i, n) / n
+
+
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only, never on biases or norms; fused where available."""
     seen: set[int] = set()

@@ -89,6 +89,35 @@ def test_early_stop_is_logged(tiny_cfg, mlflow_uri):
     assert run.data.metrics["early_stop_step"] == 20 and run.data.metrics["stopped_early"] == 1
 
 
+@pytest.mark.parametrize("schedule, steps", [("wsd", 30), ("cosine", 20)])
+def test_a_wsd_run_out_of_patience_at_its_peak_decays_before_it_stops(tiny_cfg, tmp_path, schedule, steps):
+    """Patience runs out at step 20. At wsd's peak learning rate the run first decays to the floor
+    over decay_fraction (0.5) of its 20 steps, then stops; a resume from the state saved when
+    patience ran out finishes that decay. Any other schedule stops at once."""
+    cfg = config.override(tiny_cfg, {"train.schedule": schedule, "train.max_steps": 1000, "train.max_minutes": 10.0,
+                                     "train.patience": 1, "train.min_relative_improvement": 0.9,
+                                     "train.decay_fraction": 0.5, "train.min_lr_ratio": 0.1}, where="test")
+    tracker = NullTracker(tmp_path)
+    res = train(cfg, tracker)
+    lrs = dict(tracker.metrics["lr"])
+    assert res.stop_reason == "early_stop" and res.early_stop_step == 20 and res.steps == steps
+    if schedule == "wsd":
+        assert lrs[20] == cfg.train.lr and lrs[30] == pytest.approx(cfg.train.lr * 0.1)
+        assert sorted(lrs) == [10, 20, 30]  # no rung or pruner evaluation in between, one at the decay's end
+        pruned = train(cfg, NullTracker(tmp_path / "p"), on_eval=lambda e: "pruned" if e.step >= 20 else None)
+        assert (pruned.stop_reason, pruned.steps) == ("early_stop", 30)  # the pruner cannot cut the decay short
+
+        def interrupt(event):
+            if event.step == 20:
+                raise KeyboardInterrupt
+
+        state = tmp_path / "state.pt"
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, NullTracker(tmp_path / "a"), state_path=state, on_eval=interrupt)
+        resumed = train(cfg, NullTracker(tmp_path / "b"), state_path=state)
+        assert (resumed.stop_reason, resumed.early_stop_step, resumed.steps) == ("early_stop", 20, 30)
+
+
 def test_failed_run_is_marked_failed(tiny_cfg, mlflow_uri):
     def boom(event):
         raise RuntimeError("hook failed")
