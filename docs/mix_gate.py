@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,6 +26,17 @@ from charlm import checkpoint  # noqa: E402
 from charlm.data import load_corpus  # noqa: E402
 from charlm.evaluate import per_char  # noqa: E402
 from charlm.models.mixture import Mixture, _parts, best_weight, constant_gate, fit_gate, mixed_loss, split_parts  # noqa: E402
+
+
+def two_fold(a, b, y, fit) -> list[float]:
+    """The mixed loss on each half of the characters, of the gate ``fit(a, b, y)`` makes from the other half."""
+    first = torch.arange(len(y)) < len(y) // 2
+    return [float(mixed_loss(fit(a[k], b[k], y[k]), a[~k], b[~k], y[~k])) for k in (~first, first)]
+
+
+def one_weight(a, b, y) -> torch.Tensor:
+    pick = y.unsqueeze(-1)
+    return constant_gate(best_weight(a.gather(-1, pick)[..., 0], b.gather(-1, pick)[..., 0]))
 
 
 def main() -> None:
@@ -38,12 +50,9 @@ def main() -> None:
     val = load_corpus(ck.cfg.data).val
     a, b, y = split_parts(per_char(ck.model, val, _parts, t.eval_stride, t.eval_batch_size, "cpu"))
     right = [m.gather(-1, y.unsqueeze(-1))[..., 0] for m in (a, b)]
-    first = torch.arange(len(y)) < len(y) // 2
-    designs = {"one weight": lambda k: constant_gate(best_weight(right[0][k], right[1][k])),
-               "entropy gate, network against n-gram": lambda k: fit_gate(a[k], b[k], y[k], product=False),
-               "entropy gate over network, n-gram and product": lambda k: fit_gate(a[k], b[k], y[k])}
-    rows = {name: [float(mixed_loss(fit(k), a[~k], b[~k], y[~k])) for k in (~first, first)]
-            for name, fit in designs.items()}
+    designs = {"one weight": one_weight, "entropy gate, network against n-gram": partial(fit_gate, product=False),
+               "entropy gate over network, n-gram and product": fit_gate}
+    rows = {name: two_fold(a, b, y, fit) for name, fit in designs.items()}
     print(f"val split: {len(val):,} characters; network alone {-float(right[0].mean()):.4f}, "
           f"{ck.cfg.model.mix_order}-gram alone {-float(right[1].mean()):.4f}")
     print("| fitted on the other half | first half | second half | mean |\n|---|---|---|---|")

@@ -3,8 +3,9 @@
     python docs/mix_orders.py [--model mlruns/best/default] [--orders 5 6 8 10]
 
 Takes a saved mixture (``make best``'s model), keeps its network, counts a Kneser-Ney n-gram of
-each order on the model's own training split, fits the mixing weight on its val split and prints
-the val loss at that weight. The test split is never read.
+each order on the model's own training split and prints, on its val split, the n-gram alone and
+the mixture through the shipped gate, each half of val scored with the gate fitted on the other
+(two-fold, as ``docs/mix_gate.py``). The test split is never read.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mix_gate import two_fold  # noqa: E402
+
 from charlm import checkpoint  # noqa: E402
 from charlm.data import load_corpus  # noqa: E402
-from charlm.evaluate import full_pass  # noqa: E402
-from charlm.models.mixture import Mixture  # noqa: E402
+from charlm.evaluate import per_char  # noqa: E402
+from charlm.models.mixture import Mixture, _parts, fit_gate, split_parts  # noqa: E402
 from charlm.models.ngram import NGram  # noqa: E402
 
 
@@ -31,15 +34,15 @@ def main() -> None:
     if not isinstance(ck.model, Mixture):
         raise SystemExit(f"{args.model} is not a mixture (model.mix_order = 0)")
     corpus, t = load_corpus(ck.cfg.data), ck.cfg.train
-    network = ck.model.neural
-    print(f"val split: {len(corpus.val):,} characters; network alone: "
-          f"{full_pass(network, corpus.val, t.eval_stride, t.eval_batch_size, 'cpu').loss:.4f}")
-    print("| n-gram order mixed in | mean w (network) | val loss |\n|---|---|---|")
+    print(f"val split: {len(corpus.val):,} characters")
+    print("| n-gram order mixed in | n-gram alone | mixed, first half | mixed, second half | mixed, mean |\n|---|---|---|---|---|")
     for order in args.orders:
-        mix = Mixture(network, NGram(ck.cfg.model, len(corpus.vocab), order - 1)).eval()
+        mix = Mixture(ck.model.neural, NGram(ck.cfg.model, len(corpus.vocab), order - 1)).eval()
         mix.fit(corpus.train)
-        w = mix.calibrate(corpus.val, stride=t.eval_stride, batch_size=t.eval_batch_size, device="cpu")
-        print(f"| {order} | {w:.3f} | {full_pass(mix, corpus.val, t.eval_stride, t.eval_batch_size, 'cpu').loss:.4f} |")
+        a, b, y = split_parts(per_char(mix, corpus.val, _parts, t.eval_stride, t.eval_batch_size, "cpu"))
+        one, two = two_fold(a, b, y, fit_gate)
+        alone = -float(b.gather(-1, y.unsqueeze(-1)).mean())
+        print(f"| {order} | {alone:.4f} | {one:.4f} | {two:.4f} | {(one + two) / 2:.4f} |")
 
 
 if __name__ == "__main__":
