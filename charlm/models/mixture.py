@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from charlm.models.base import CharModel
 from charlm.models.ngram import NGram
 
-PRODUCT, NET, PROD = slice(0, 2), slice(2, 5), slice(5, 8)  # the gate's parts
+EXPONENTS, NET, PRODUCT = slice(0, 2), slice(2, 5), slice(5, 8)  # the gate's parts: s1 s2, then c0 c1 c2 twice
 
 
 class Mixture(CharModel):
@@ -107,7 +107,7 @@ def _log_weights(gate, ha, hb) -> torch.Tensor:
     def logit(c):  # an infinite c0 is a constant weight: no entropy term (inf * 0 would be NaN)
         return c[0] + c[1] * ha + c[2] * hb if torch.isfinite(c[0]) else torch.full_like(ha, float(c[0]))
 
-    z = torch.stack([logit(gate[NET]), logit(gate[PROD]), torch.zeros_like(ha)], -1)
+    z = torch.stack([logit(gate[NET]), logit(gate[PRODUCT]), torch.zeros_like(ha)], -1)
     if z[..., 0].isposinf().any():
         return torch.where(z.isposinf(), 0.0, -math.inf)
     return F.log_softmax(z, -1)
@@ -116,7 +116,8 @@ def _log_weights(gate, ha, hb) -> torch.Tensor:
 def mixed_logprobs(gate, a, b) -> torch.Tensor:
     """The mixture's log-probabilities from the network's (``a``) and the n-gram's (``b``)."""
     log_w = _log_weights(gate, entropy(a), entropy(b))
-    product = F.log_softmax(gate[0] * a + gate[1] * b, -1)
+    s1, s2 = gate[EXPONENTS]
+    product = F.log_softmax(s1 * a + s2 * b, -1)
     experts = torch.stack([a, product, b], -2)  # (..., 3, V)
     return torch.logsumexp(experts + log_w.unsqueeze(-1), -2)
 
@@ -152,9 +153,9 @@ def fit_gate(a, b, y, product: bool = True) -> torch.Tensor:
     ``product=False``: network against n-gram only (the product keeps no weight)."""
     pick = y.unsqueeze(-1)
     start = constant_gate(best_weight(a.gather(-1, pick)[..., 0], b.gather(-1, pick)[..., 0]))
-    init, free = start.clone(), [2, 3, 4]
+    init, free = start.clone(), list(range(8)) if product else list(range(8))[NET]
     if product:  # the product starts level with the n-gram, each model's probability square-rooted
-        init[PRODUCT], init[PROD.start], free = 0.5, 0.0, free + [0, 1, 5, 6, 7]
+        init[EXPONENTS], init[PRODUCT.start] = 0.5, 0.0
     theta = init[free].clone().requires_grad_(True)
     opt = torch.optim.LBFGS([theta], max_iter=100, line_search_fn="strong_wolfe")
 
