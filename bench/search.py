@@ -22,6 +22,7 @@ compute saved against running every started trial to the top budget.
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,7 @@ def scheme_docs(base_doc: dict, minutes: float) -> dict[str, tuple[dict, float]]
     }
     docs = {}
     for name, (pruner, clock) in schemes.items():
-        doc = yaml.safe_load(yaml.safe_dump(base_doc, sort_keys=False))
+        doc = copy.deepcopy(base_doc)
         doc["study"] = {**doc["study"], "name": f"search-{name}", "n_trials": 1000, "timeout_min": minutes}
         doc["pruner"] = pruner
         doc["fixed"] = {**doc.get("fixed", {}), "train.max_minutes": clock}

@@ -237,8 +237,12 @@ class Loop:
         state, t = self.state, self.run.cfg.train
         if t.schedule != "wsd" or self.cooling() or lr_at(state.step, self.run.cfg, self.elapsed()) < t.lr:
             return False
-        state.cooldown_from, state.cooldown_steps = state.step, max(1, round(t.decay_fraction * state.step))
+        state.cooldown_from, state.cooldown_steps = state.step, self.decay_steps()
         return True
+
+    def decay_steps(self) -> int:
+        """How long an early wsd decay from here lasts: ``decay_fraction`` of the steps so far."""
+        return max(1, round(self.run.cfg.train.decay_fraction * self.state.step))
 
     def preview(self) -> float:
         """The val-slice loss of a copy whose learning rate decays to the floor over the last
@@ -246,7 +250,7 @@ class Loop:
         this evaluation, as if the copy had never trained (its seconds are not on the clock)."""
         run, state, t = self.run, self.state, self.run.cfg.train
         step, lr, floor = state.step, lr_at(state.step, run.cfg, self.elapsed()), t.lr * t.min_lr_ratio
-        n = max(1, round(t.decay_fraction * step))
+        n = self.decay_steps()
         for i in range(1, n + 1):
             if not self.step(decayed(lr, floor, i, n)):
                 break

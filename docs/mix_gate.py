@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from charlm import checkpoint  # noqa: E402
 from charlm.data import load_corpus  # noqa: E402
 from charlm.evaluate import per_char  # noqa: E402
-from charlm.models.mixture import Mixture, _parts, best_weight, constant_gate, fit_gate, mixed_loss, split_parts  # noqa: E402
+from charlm.models.mixture import Mixture, _parts, fit_gate, mixed_loss, one_weight, picked, split_parts  # noqa: E402
 
 
 def two_fold(a, b, y, fit) -> list[float]:
@@ -33,10 +33,6 @@ def two_fold(a, b, y, fit) -> list[float]:
     first = torch.arange(len(y)) < len(y) // 2
     return [float(mixed_loss(fit(a[k], b[k], y[k]), a[~k], b[~k], y[~k])) for k in (~first, first)]
 
-
-def one_weight(a, b, y) -> torch.Tensor:
-    pick = y.unsqueeze(-1)
-    return constant_gate(best_weight(a.gather(-1, pick)[..., 0], b.gather(-1, pick)[..., 0]))
 
 
 def main() -> None:
@@ -49,7 +45,7 @@ def main() -> None:
     t = ck.cfg.train
     val = load_corpus(ck.cfg.data).val
     a, b, y = split_parts(per_char(ck.model, val, _parts, t.eval_stride, t.eval_batch_size, "cpu"))
-    right = [m.gather(-1, y.unsqueeze(-1))[..., 0] for m in (a, b)]
+    right = [picked(m, y) for m in (a, b)]
     designs = {"one weight": one_weight, "entropy gate, network against n-gram": partial(fit_gate, product=False),
                "entropy gate over network, n-gram and product": fit_gate}
     rows = {name: two_fold(a, b, y, fit) for name, fit in designs.items()}

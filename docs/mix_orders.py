@@ -21,7 +21,7 @@ from mix_gate import two_fold  # noqa: E402
 from charlm import checkpoint  # noqa: E402
 from charlm.data import load_corpus  # noqa: E402
 from charlm.evaluate import per_char  # noqa: E402
-from charlm.models.mixture import Mixture, _parts, fit_gate, split_parts  # noqa: E402
+from charlm.models.mixture import Mixture, _parts, fit_gate, picked, split_parts  # noqa: E402
 from charlm.models.ngram import NGram  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main() -> None:
         mix.fit(corpus.train)
         a, b, y = split_parts(per_char(mix, corpus.val, _parts, t.eval_stride, t.eval_batch_size, "cpu"))
         one, two = two_fold(a, b, y, fit_gate)
-        alone = -float(b.gather(-1, y.unsqueeze(-1)).mean())
+        alone = -float(picked(b, y).mean())
         print(f"| {order} | {alone:.4f} | {one:.4f} | {two:.4f} | {(one + two) / 2:.4f} |")
 
 

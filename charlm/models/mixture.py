@@ -105,7 +105,7 @@ def entropy(logp: torch.Tensor) -> torch.Tensor:
 def _log_weights(gate, ha, hb) -> torch.Tensor:
     """log (w_net, w_prod, w_ngram) at each character, in the last dimension (exact at 0 and 1)."""
     def logit(c):  # an infinite c0 is a constant weight: no entropy term (inf * 0 would be NaN)
-        return c[0] + c[1] * ha + c[2] * hb if torch.isfinite(c[0]) else torch.full_like(ha, float(c[0]))
+        return c[0] + c[1] * ha + c[2] * hb if torch.isfinite(c[0].detach()) else torch.full_like(ha, float(c[0]))
 
     z = torch.stack([logit(gate[NET]), logit(gate[PRODUCT]), torch.zeros_like(ha)], -1)
     if z[..., 0].isposinf().any():
@@ -113,9 +113,10 @@ def _log_weights(gate, ha, hb) -> torch.Tensor:
     return F.log_softmax(z, -1)
 
 
-def mixed_logprobs(gate, a, b) -> torch.Tensor:
-    """The mixture's log-probabilities from the network's (``a``) and the n-gram's (``b``)."""
-    log_w = _log_weights(gate, entropy(a), entropy(b))
+def mixed_logprobs(gate, a, b, entropies: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The mixture's log-probabilities from the network's (``a``) and the n-gram's (``b``);
+    ``entropies``: theirs, when already computed (a fit evaluates many gates on the same ``a``, ``b``)."""
+    log_w = _log_weights(gate, *(entropies or (entropy(a), entropy(b))))
     s1, s2 = gate[EXPONENTS]
     product = F.log_softmax(s1 * a + s2 * b, -1)
     experts = torch.stack([a, product, b], -2)  # (..., 3, V)
@@ -134,8 +135,13 @@ def split_parts(parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return parts[..., :V], parts[..., V:2 * V], parts[..., -1].long()
 
 
-def mixed_loss(gate, a, b, y) -> torch.Tensor:
-    return -mixed_logprobs(gate, a, b).gather(-1, y.unsqueeze(-1)).mean()
+def picked(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The log-probability each row gives its character ``y``."""
+    return logp.gather(-1, y.unsqueeze(-1))[..., 0]
+
+
+def mixed_loss(gate, a, b, y, entropies=None) -> torch.Tensor:
+    return -picked(mixed_logprobs(gate, a, b, entropies), y).mean()
 
 
 def best_weight(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -148,11 +154,15 @@ def best_weight(a: torch.Tensor, b: torch.Tensor) -> float:
     return min((best + i / 1000 for i in range(-20, 21) if 0 < best + i / 1000 < 1), key=loss)
 
 
+def one_weight(a, b, y) -> torch.Tensor:
+    """The constant gate of the best single weight, from each model's log-probabilities and ``y``."""
+    return constant_gate(best_weight(picked(a, y), picked(b, y)))
+
+
 def fit_gate(a, b, y, product: bool = True) -> torch.Tensor:
     """The gate minimising the mixed loss, from the best single weight (never worse than it).
     ``product=False``: network against n-gram only (the product keeps no weight)."""
-    pick = y.unsqueeze(-1)
-    start = constant_gate(best_weight(a.gather(-1, pick)[..., 0], b.gather(-1, pick)[..., 0]))
+    start, entropies = one_weight(a, b, y), (entropy(a), entropy(b))
     init, free = start.clone(), list(range(8)) if product else list(range(8))[NET]
     if product:  # the product starts level with the n-gram, each model's probability square-rooted
         init[EXPONENTS], init[PRODUCT.start] = 0.5, 0.0
@@ -166,11 +176,11 @@ def fit_gate(a, b, y, product: bool = True) -> torch.Tensor:
 
     def closure():
         opt.zero_grad()
-        loss = mixed_loss(gate_of(theta), a, b, y)
+        loss = mixed_loss(gate_of(theta), a, b, y, entropies)
         loss.backward()
         return loss
 
     opt.step(closure)
     gate = gate_of(theta.detach())
-    better = torch.isfinite(gate[free]).all() and mixed_loss(gate, a, b, y) <= mixed_loss(start, a, b, y)
+    better = torch.isfinite(gate[free]).all() and mixed_loss(gate, a, b, y, entropies) <= mixed_loss(start, a, b, y, entropies)
     return gate if better else start
