@@ -8,7 +8,8 @@ included), written in the file's own key order so the sampler draws the same tri
 does; only the pruner and the trial clock differ:
 
 (a) asha: promotion with continued training; top rung = minutes / 3 of training, three rungs by
-    3 (top / 9, top / 3, top), the shape of the default study's 40 s / 2 min / 6 min;
+    3 (top / 9, top / 3, top), the shape of the default study's 40 s / 2 min / 6 min, in the
+    sweep file's brackets (the default's three: asynchronous Hyperband, charlm/promotion.py);
 (b) patience: today's fixed budget, every trial minutes / 6 of training, the patience pruner;
 (c) hyperband: Optuna's HyperbandPruner on the same compute axis, every trial minutes / 3, its
     max_resource the clock (what a trial can really reach).
@@ -42,7 +43,8 @@ def scheme_docs(base_doc: dict, minutes: float) -> dict[str, tuple[dict, float]]
     """Sweep documents of the three schemes, each with the top training budget in seconds."""
     top = minutes / 3
     schemes = {
-        "asha": ({"type": "asha", "min_seconds": top * 60 / 9, "reduction_factor": 3}, top),
+        "asha": ({"type": "asha", "min_seconds": top * 60 / 9, "reduction_factor": 3,
+                  "brackets": base_doc.get("pruner", {}).get("brackets", 1)}, top),
         "patience": ({"type": "patience", "reference": "median", "min_trials": 3, "warmup_seconds": minutes * 60 / 36},
                      minutes / 6),
         "hyperband": ({"type": "hyperband"}, top),

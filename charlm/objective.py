@@ -74,14 +74,20 @@ def climb(session: Session, trial: optuna.Trial, cfg: config.Config, tracker: Ml
     of its rung; None when it pauses, its state kept with its MLflow run for whoever promotes it."""
     p, storage = session.spec.pruner, session.study._storage
     budgets = rung_budgets(p.min_seconds, p.reduction_factor, cfg.train.max_minutes * 60)
-    k = 0 if before is None else before.system_attrs[promotion.RUNG] + 1
+    if before is None:  # a new trial: its bracket's first rung is the first it is judged at
+        first = promotion.bracket_of(trial.number, promotion.bracket_shares(budgets, p.reduction_factor, p.brackets))
+        storage.set_trial_system_attr(trial._trial_id, promotion.BRACKET, first)
+        tracker.set_tags({"bracket": first})
+        k = first
+    else:
+        first, k = before.system_attrs.get(promotion.BRACKET, 0), before.system_attrs[promotion.RUNG] + 1
     state_path = tracker.download(promotion.STATE_ARTIFACT) if before is not None else \
         tracker.workdir / Path(promotion.STATE_ARTIFACT).name
     on_eval = Reporter(trial, before)
     while True:
         top = k == len(budgets) - 1
         result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), state_path=state_path, progress=False,
-                       until=None if top else budgets[k], continued=k > 0)
+                       until=None if top else budgets[k], continued=k > first)
         if result.stop_reason is not StopReason.RUNG_END:
             return result, on_eval  # the top rung's end, its own patience, divergence
         mine = storage.get_trial(trial._trial_id).system_attrs

@@ -15,6 +15,15 @@ start and none trains, each rung's top fraction rounds up (the best of a rung of
 the study carries its best to the top; then the paused trials end PRUNED with their best value.
 A worker that dies past a rung loses only the rung it was in: its trial pauses at its last saved
 state and goes on elsewhere.
+
+Brackets (``pruner.brackets``, asynchronous Hyperband): a first rung short enough to be cheap is
+too short for a slow starter (a GPT trails the feed-forward nets at 27 s and leads them at 4
+minutes; docs/REPORT.md section 8), and one ladder of rungs cannot hedge that. With B brackets, a
+trial of bracket b trains straight to rung b and is ranked from there on, against the trials of
+its own bracket only; the last bracket's trials run to the clock unjudged. Each bracket gets a
+share of new trials that gives it about the same compute, and trial numbers walk those shares
+in a golden-ratio sequence that starts in the last bracket, so the study's first trial reaches the
+top budget unjudged: a study always has a finished model early, whatever its deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+BRACKET = "charlm.bracket"  # the trial's bracket: its first judged rung
 RUNG = "charlm.rung"  # the last rung the trial finished (0-based)
 PAUSED = "charlm.paused"  # True while it waits for a promotion with no worker
 STATE_ARTIFACT = "state/train_state.pt"  # where a paused trial's training state is kept, in its MLflow run
@@ -40,12 +50,39 @@ def rung_budgets(min_seconds: float, reduction_factor: int, top_seconds: float) 
     return budgets
 
 
+def bracket_shares(budgets: list[float], reduction_factor: int, brackets: int) -> list[float]:
+    """The share of new trials each bracket gets so that all spend about the same compute: bracket
+    b's trial trains to rung b, then goes on to each next rung with chance 1/reduction_factor per
+    rung climbed (rungs of 27 s, 80 s and 4 min: 62 s, 133 s and 240 s, shares 58%, 27%, 15%)."""
+    costs = []
+    for b in range(brackets):
+        climbs = range(b + 1, len(budgets))
+        costs.append(budgets[b] + sum((budgets[k] - budgets[k - 1]) / reduction_factor ** (k - b) for k in climbs))
+    inverse = [1 / c for c in costs]
+    return [w / sum(inverse) for w in inverse]
+
+
+def bracket_of(number: int, shares: list[float]) -> int:
+    """Trial ``number``'s bracket: the golden-ratio point ``frac(number * 0.618...)`` falls in the
+    brackets' shares laid out from the last bracket down, so trial 0 runs unjudged to the clock and
+    every run of consecutive trials meets each bracket in about its share."""
+    u = (number * (5 ** 0.5 - 1) / 2) % 1.0
+    for b in reversed(range(len(shares))):
+        u -= shares[b]
+        if u < 0:
+            return b
+    return 0
+
+
 def promotable(trials: list[FrozenTrial], k: int, number: int, reduction_factor: int, closing: bool = False) -> bool:
-    """Whether trial ``number`` ranks in the best 1/reduction_factor of the trials that reached rung
-    ``k`` (their value there: ``rung_key(k)``; studies minimize). ``closing``: no trial will reach
-    the rung any more, so its top fraction rounds up (a rung of 2 still promotes its best)."""
+    """Whether trial ``number`` ranks in the best 1/reduction_factor of the trials of its bracket
+    that reached rung ``k`` (their value there: ``rung_key(k)``; studies minimize). ``closing``: no
+    trial will reach the rung any more, so its top fraction rounds up (a rung of 2 still promotes
+    its best)."""
     key = rung_key(k)
-    ranked = sorted((t.system_attrs[key], t.number) for t in trials if key in t.system_attrs)
+    bracket = next((t.system_attrs.get(BRACKET, 0) for t in trials if t.number == number), 0)
+    ranked = sorted((t.system_attrs[key], t.number) for t in trials
+                    if key in t.system_attrs and t.system_attrs.get(BRACKET, 0) == bracket)
     top = -(-len(ranked) // reduction_factor) if closing else len(ranked) // reduction_factor
     return number in [n for _, n in ranked[:top]]
 

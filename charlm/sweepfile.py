@@ -15,6 +15,7 @@ from typing import Any
 
 from charlm import config, paths
 from charlm.config import ConfigError, is_int, is_number
+from charlm.promotion import rung_budgets
 from charlm.space import Param, SweepError, check_corners, config_key, fail, parse_space, suggest, unknown
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -50,6 +51,7 @@ class PrunerSpec:
     warmup_seconds: float = 0.0  # no pruning before this many training seconds (the compute axis)
     min_seconds: float = 0.0  # asha: the shortest rung may be no shorter (rungs: the clock / factor**k)
     reduction_factor: int = 3  # asha: each rung is this many times longer; its best 1/this go on
+    brackets: int = 1  # asha: 1 = one ladder of rungs; B = asynchronous Hyperband, bracket b judged from rung b on
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,10 @@ def _rungs_fit(spec: SweepSpec) -> None:
     if not 0 < p.min_seconds < top:
         raise fail(path, "pruner.min_seconds", f"a number of seconds > 0 and below the trials' clock ({top:g} s, "
                    "train.max_minutes in fixed or the base experiment)", p.min_seconds)
+    rungs = len(rung_budgets(p.min_seconds, p.reduction_factor, top))
+    if not 1 <= p.brackets <= rungs:
+        raise fail(path, "pruner.brackets", f"an integer from 1 to the number of rungs ({rungs} here: the clock "
+                   f"{top:g} s divided by {p.reduction_factor} down to min_seconds {p.min_seconds:g})", p.brackets)
 
 
 SPLIT_KEYS = ("data.path", "data.test_fraction")  # what decides the test split
