@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from charlm import promotion
-from charlm.promotion import promotable, rung_budgets
+from charlm.promotion import bracket_of, bracket_shares, promotable, rung_budgets
 from charlm.storage import open_storage
 from helpers import PYTHON, ROOT, cli
 
@@ -24,9 +24,9 @@ FIXED = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.hidde
          "train.sample_chars": 0, "train.precision": "fp32", "train.patience": 0, "train.system_metrics": False}
 
 
-def asha_sweep(folder: Path, name: str, n_trials: int, min_seconds: float = 0.6, **fixed) -> Path:
+def asha_sweep(folder: Path, name: str, n_trials: int, min_seconds: float = 0.6, brackets: int = 1, **fixed) -> Path:
     doc = {"study": {"name": name, "n_trials": n_trials}, "sampler": {"type": "random", "seed": 0},
-           "pruner": {"type": "asha", "min_seconds": min_seconds, "reduction_factor": 3},
+           "pruner": {"type": "asha", "min_seconds": min_seconds, "reduction_factor": 3, "brackets": brackets},
            "base": str(ROOT / "experiments" / "gpt.yaml"), "fixed": {**FIXED, **fixed},
            "space": {"model.kind": {"choice": ["gpt", "ff"]}, "train.lr": {"float": [1e-4, 1e-2], "log": True},
                      "when": {"model.kind == ff": {"model.layers": {"int": [1, 2]}, "model.n_embd": 16}}}}
@@ -54,6 +54,34 @@ def test_rungs_grow_by_the_factor_up_to_the_clock_and_the_best_fraction_goes_on(
     # 5 at the rung: the best 5 // 3 = 1 goes on; once the rung is final it rounds up to 2
     assert [promotable(trials, 0, n, 3) for n in range(5)] == [False, True, False, False, False]
     assert [promotable(trials, 0, n, 3, closing=True) for n in range(5)] == [False, True, False, True, False]
+
+
+def at_rungs(bracket: int, values: dict[int, float]) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(state=TrialState.RUNNING, system_attrs={
+        promotion.BRACKET: bracket, **{promotion.rung_key(k): v for k, v in values.items()}})
+
+
+def test_brackets_spend_equal_compute_and_the_first_trial_runs_to_the_clock_unjudged():
+    budgets = rung_budgets(240 / 9, 3, 240)  # the bench's rungs: 27 s, 80 s, 4 min
+    cost = [240 / 9 + (80 - 240 / 9) / 3 + 160 / 9, 80 + 160 / 3, 240]  # a trial's expected seconds per bracket
+    shares = bracket_shares(budgets, 3, 3)
+    assert [s * c for s, c in zip(shares, cost)] == pytest.approx([shares[2] * 240] * 3)
+    assert sum(shares) == pytest.approx(1.0) and shares == pytest.approx([0.579, 0.270, 0.150], abs=1e-3)
+    drawn = [bracket_of(n, shares) for n in range(300)]
+    assert drawn[0] == 2  # trial 0: the clock, unjudged
+    for run in (drawn[:30], drawn[100:130], drawn):  # any stretch of trials meets each bracket about its share
+        assert [run.count(b) / len(run) for b in range(3)] == pytest.approx(shares, abs=0.04)
+    assert {bracket_of(n, bracket_shares(budgets, 3, 1)) for n in range(50)} == {0}  # one bracket: plain ASHA
+
+
+def test_a_trial_is_promoted_against_its_own_bracket_only():
+    # bracket 0's three best came up from 27 s and lead rung 1; bracket 1's started there and trail
+    trials = [at_rungs(0, {0: 1.9, 1: 1.0}), at_rungs(0, {0: 1.9, 1: 1.1}), at_rungs(0, {0: 1.9, 1: 1.2}),
+              at_rungs(1, {1: 2.0}), at_rungs(1, {1: 2.1}), at_rungs(1, {1: 2.2})]
+    for n, t in enumerate(trials):
+        t.number = n
+    # pooled, rung 1's best two would be bracket 0's 1.0 and 1.1; each bracket sends its own best third
+    assert [promotable(trials, 1, n, 3) for n in range(6)] == [True, False, False, True, False, False]
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +162,25 @@ def test_a_worker_killed_during_a_promotion_loses_nothing(tmp_path):
     before = [s for s, _ in val if s <= rung_step]
     assert before == sorted(set(before)) and before[0] == 20  # the rungs it had finished were kept, not redone
     assert t.user_attrs["steps"] > rung_step
+
+
+@pytest.mark.slow
+def test_a_bracket_starts_judging_at_its_own_rung_and_the_last_runs_unjudged(tmp_path):
+    # rungs 2/3 s, 2 s, 6 s in three brackets: trial 0 goes to the last (the clock), trial 2 to the
+    # middle one (first judged at 2 s), trials 1 and 3 to the first (see the shares above)
+    r = cli("sweep", str(asha_sweep(tmp_path, "brackets", 4, brackets=3)), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = study_of(tmp_path, "brackets").trials
+    assert [t.system_attrs[promotion.BRACKET] for t in trials] == [2, 0, 1, 0]
+    unjudged, middle = trials[0], trials[2]
+    assert unjudged.state == TrialState.COMPLETE and unjudged.user_attrs["stop_reason"] == "max_minutes"
+    assert not [k for k in unjudged.system_attrs if k.startswith("charlm.rung")]
+    assert history(tmp_path, unjudged.user_attrs["mlflow_run_id"], "rung") == []
+    assert promotion.rung_key(0) not in middle.system_attrs and promotion.rung_key(1) in middle.system_attrs
+    val = history(tmp_path, middle.user_attrs["mlflow_run_id"], "val_loss")
+    assert val[0][0] == 20 and len(val) > 1  # one curve from its first evaluation: trained straight to 2 s
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    assert client.get_run(middle.user_attrs["mlflow_run_id"]).data.tags["bracket"] == "1"
 
 
 def test_wsd_holds_the_peak_whatever_the_length_then_decays_over_its_last_fraction():

@@ -105,6 +105,9 @@ def test_sweep_errors_name_file_key_and_expectation(tmp_path, monkeypatch):
     assert "'data.context'" in msg and ">= 1" in msg
     msg = _sweep_err(tmp_path, _doc(pruner={"type": "patient"}))
     assert "'pruner.type'" in msg and "patience | median" in msg
+    asha = {"type": "asha", "min_seconds": 20, "reduction_factor": 3, "brackets": 4}  # rungs 20, 60, 180 s: 3
+    msg = _sweep_err(tmp_path, _doc(pruner=asha, fixed={"train.max_minutes": 3}))
+    assert "'pruner.brackets'" in msg and "from 1 to the number of rungs (3 here" in msg
     assert "Base experiment 'nope.yaml'" in _sweep_err(tmp_path, _doc(base="nope.yaml"))
     assert "YAML syntax error" in _sweep_err(tmp_path, "study: {name: t\nspace: [")
 
