@@ -166,6 +166,11 @@ def _coerce(key: str, value: Any, typ: type, where: str) -> Any:
     return value
 
 
+def coerce(key: str, value: Any, where: str) -> Any:
+    """``value`` as config key ``key`` reads it (a numeric string is a number), or ConfigError."""
+    return _coerce(key, value, key_type(key), where)
+
+
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 

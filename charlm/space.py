@@ -232,9 +232,10 @@ def check_corners(spec: SweepSpec) -> None:
                 values[p.key] = v
                 _try(spec, base, values, p.key)
         # every (n_head, n_embd) pair the branch can propose must divide
-        heads = _candidates(active, base, "model.n_head")
-        widths = _candidates(active, base, "model.n_embd")
-        kind = _candidates(active, base, "model.kind") if not branch or branch[0] != "model.kind" else list(branch[1])
+        where = f"{spec.path} (space)"
+        heads = _candidates(active, base, "model.n_head", where)
+        widths = _candidates(active, base, "model.n_embd", where)
+        kind = _candidates(active, base, "model.kind", where) if not branch or branch[0] != "model.kind" else list(branch[1])
         if "gpt" in kind:
             for h, w in itertools.product(heads, widths):
                 if w % h:
@@ -249,13 +250,18 @@ def _low(p: Param):
     return p.choices[0] if p.kind in ("choice", "fixed") else p.low
 
 
-def _candidates(active: list[Param], base: config.Config, key: str) -> list:
+def _candidates(active: list[Param], base: config.Config, key: str, where: str) -> list:
+    """The values ``key`` can take in a branch, as the config reads them ('192' is 192)."""
     for p in active:
         if p.key == key:
             try:
-                return p.few_values(4096)
+                values = p.few_values(4096)
             except SweepError:
-                return [p.low, p.high]
+                values = [p.low, p.high]
+            try:
+                return [config.coerce(key, v, where) for v in values]
+            except ConfigError as e:
+                raise SweepError(str(e)) from None
     return [config.flatten(base)[key]]
 
 

@@ -112,6 +112,17 @@ def test_sweep_errors_name_file_key_and_expectation(tmp_path, monkeypatch):
     assert "YAML syntax error" in _sweep_err(tmp_path, "study: {name: t\nspace: [")
 
 
+def test_a_width_written_as_a_string_is_checked_as_the_number_the_config_reads(tmp_path, monkeypatch):
+    # the config reads '192' as 192, so the heads-divide-widths check must too (it raised TypeError)
+    monkeypatch.chdir(ROOT)
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(_doc(space={"model.n_embd": {"choice": [128, "192"]}}, fixed={"model.n_head": 4})))
+    assert load_sweep(f).space[0].choices == (128, "192")
+    f.write_text(yaml.safe_dump(_doc(space={"model.n_embd": {"choice": [128, "190"]}}, fixed={"model.n_head": 4})))
+    with pytest.raises(SweepError, match="divisor of model.n_embd"):
+        load_sweep(f)
+
+
 def test_sweep_cli_error_is_one_line(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text(yaml.safe_dump(_doc(space={"train.lr": {"float": [1e-2, 1e-4]}})))
@@ -655,6 +666,7 @@ def test_interrupting_a_sweep_leaves_nothing_running(tmp_path, sig, code):
     assert counted(journal_study(tmp_path, "ctrlc").get_trials()) == 2
 
 
+@pytest.mark.slow  # 30 s: keeps `make test` under 5 minutes; CI runs it in test-slow
 def test_sigkill_one_of_two_workers(tmp_path):
     """Kill one worker of a 2-worker sweep mid-trial: the other fails and re-runs its trial, and
     the study still reaches its total with every trial accounted for."""
