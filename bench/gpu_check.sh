@@ -1,52 +1,99 @@
 #!/usr/bin/env bash
-# One prepared check for a GPU machine, meant to take under 8 minutes on one H100/H200-class GPU
-# (issue 15; not yet run on one):
-#   1. the tests marked gpu (compiled CUDA training, a NaN caught at the next evaluation, the
-#      memory guard of workers sharing a GPU);
-#   2. the whole fast suite, as CI runs it on CPU (train.device=auto picks the GPU there);
-#   3. speed: bench/gpu_speed.py (real trainer eager and compiled against a plain compiled
-#      PyTorch reference of the same shape, FLOP/s as a share of the measured bf16 peak);
-#   4. a short sweeps/gpu.yaml study with 1 worker, then with 4 sharing the GPU: trials/minute.
-# Needs the project's packages importable (on the device machine: wheels carried in .whl/, see
-# the README's GPUs section) and the text: CHARLM_DATA_MIRROR=<folder holding tinyshakespeare.txt>.
-# Writes everything it prints to ${OUT:-/tmp}/gpu_check.log as well.
+# One prepared check for a GPU machine, inside GPU_CHECK_SECONDS (default 480) on one H100/H200-class GPU:
+#   1. speed, while the GPU is idle: bench/gpu_speed.py (the real trainer eager and in each compile
+#      mode against a plain compiled PyTorch reference of the same shape, FLOP/s as a share of the
+#      measured bf16 peak);
+#   2. a shrunk sweeps/gpu.yaml study with 1 worker, then with 4 sharing the GPU: trials/minute and
+#      the trials' compile seconds;
+#   3. the tests marked gpu (compiled CUDA training in each compile mode, a NaN caught at the next
+#      evaluation, the memory guard of workers sharing a GPU) beside the whole fast suite, as CI
+#      runs it on CPU (train.device=auto picks the GPU there; in parallel with pytest-xdist where
+#      it is installed);
+#   4. with time left: nanoGPT's baby-GPT recipe through `charlm train` on the GPU, tested.
+# Needs the project's packages importable (on a bare GPU machine: wheels, README "GPUs") and the
+# text: CHARLM_DATA_MIRROR=<folder holding tinyshakespeare.txt>. Each step's output goes to
+# ${OUT:-/tmp}/gpu_check.log as well; the last lines are the summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=$(command -v "${PY:-python3}" || echo "$PWD/${PY:-python3}")  # absolute: step 4 runs from a scratch folder
+ROOT=$PWD
+PY=$(command -v "${PY:-python3}" || echo "$PWD/${PY:-python3}")  # absolute: step 2 runs from a scratch folder
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG=${OUT:-/tmp}/gpu_check.log
 export PYTHONUNBUFFERED=1 MLFLOW_TRACKING_URI= CI=true
+BUDGET=${GPU_CHECK_SECONDS:-480}
+T0=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+upto() { local s=$(( $(left) - $1 )); echo $(( s > 20 ? s : 20 )); }  # seconds for a step that leaves $1
 fail=0
-step() { echo; echo "== $*" | tee -a "$LOG"; }
+summary=()
+step() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
+note() { summary+=("$*"); echo "$*" | tee -a "$LOG"; }
 
-step "1. tests marked gpu"
-$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee -a "$LOG" || fail=1
-step "2. the fast suite on the GPU machine"
-timeout 300 $PY -m pytest -q -p no:cacheprovider -x --durations=5 2>&1 | tail -25 | tee -a "$LOG" || fail=1
-step "3. speed, 6x384 context 256 batch 64 bf16"
-$PY bench/gpu_speed.py --run-steps 600 2>&1 | tee -a "$LOG" || fail=1
-step "4. sweeps/gpu.yaml shrunk (1-minute study, rungs 5 s / 15 s / 45 s), 1 worker then 4 sharing the GPU"
+step "1. speed, 6x384 context 256 batch 64 bf16"
+timeout 220 $PY bench/gpu_speed.py --run-steps 2000 2>&1 | tee -a "$LOG" || fail=1
+note "$(grep -E '^\| charlm trainer|^\| reference' "$LOG" | tr -s ' ')"
+note "$(grep '^real trainer' "$LOG")"
+
+step "2. sweeps/gpu.yaml shrunk (1-minute study, rungs 5 s / 15 s / 45 s, compiled as the full one is), 1 worker then 4 sharing the GPU"
 for workers in 1 4; do
+  [ "$(left)" -gt 70 ] || { note "$workers worker(s): not run, $(left) s left"; fail=1; continue; }
   dir=$(mktemp -d)
-  sed "s/timeout_min: 9/timeout_min: 1/; s/name: gpu,/name: gpu-w$workers,/; s/min_seconds: 20/min_seconds: 5/;
-       s/train.max_minutes: 3.0 /train.max_minutes: 0.75/" sweeps/gpu.yaml > "$dir/gpu.yaml"
+  sed "s/timeout_min: [0-9.]*/timeout_min: 1/; s/name: gpu,/name: gpu-w$workers,/; s/min_seconds: [0-9.]*/min_seconds: 5/;
+       s/train.max_minutes: [0-9.]* /train.max_minutes: 0.75 /; s/train.compile: auto/train.compile: \"true\"/" sweeps/gpu.yaml > "$dir/gpu.yaml"
   sed -i "s#base: experiments/#base: $PWD/experiments/#; s#baseline: experiments/#baseline: $PWD/experiments/#" "$dir/gpu.yaml"
   start=$(date +%s)
-  (cd "$dir" && $PY -m charlm sweep gpu.yaml --workers $workers > sweep.log 2>&1) || fail=1
+  (cd "$dir" && timeout 120 $PY -m charlm sweep gpu.yaml --workers $workers > sweep.log 2>&1) || { fail=1; tail -5 "$dir/sweep.log" | tee -a "$LOG"; }
   took=$(( $(date +%s) - start ))
-  $PY - "$dir" "$workers" "$took" <<'PYEOF' 2>&1 | tee -a "$LOG"
-import sys, optuna
+  note "$(cd "$dir" && $PY - "$workers" "$took" 2>&1 <<'PYEOF'
+import statistics, sys
+import mlflow, optuna
 from optuna.trial import TrialState
-folder, workers, took = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 from charlm.storage import open_storage
+from charlm.tracking import tracking_uri
+workers, took = int(sys.argv[1]), float(sys.argv[2])
 name = f"gpu-w{workers}"
-study = optuna.load_study(study_name=name, storage=open_storage(f"journal:{folder}/mlruns/optuna/{name}.journal"))
+study = optuna.load_study(study_name=name, storage=open_storage(f"journal:mlruns/optuna/{name}.journal"))
 done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 failed = [t.user_attrs.get("error", "") for t in study.trials if t.state == TrialState.FAIL]
+mlflow.set_tracking_uri(tracking_uri())
+runs = mlflow.search_runs(experiment_names=[name])
+compiles = runs["metrics.compile_seconds"].dropna().tolist() if "metrics.compile_seconds" in runs else []
 print(f"{workers} worker(s): {len(done)} trials finished in {took / 60:.1f} min = {len(done) / (took / 60):.1f} trials/min; "
-      f"{len(failed)} failed {failed[:1]}")
+      f"{len(failed)} failed {failed[:1]}; compile s median {statistics.median(compiles) if compiles else float('nan'):.1f} "
+      f"of {len(compiles)}")
 PYEOF
+)"
 done
+
+step "3. tests marked gpu, beside the fast suite"
+parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+$PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "${OUT:-/tmp}/gpu_tests.log" 2>&1 &
+gpu_tests=$!
+timeout $(upto 10) $PY -m pytest -v -p no:cacheprovider $parallel --durations=5 > "${OUT:-/tmp}/fast_suite.log" 2>&1
+suite=$?
+wait $gpu_tests; gpu_rc=$?
+tail -15 "${OUT:-/tmp}/gpu_tests.log" | tee -a "$LOG"
+grep -E "^(FAILED|ERROR)" "${OUT:-/tmp}/fast_suite.log" | tee -a "$LOG"
+tail -3 "${OUT:-/tmp}/fast_suite.log" | tee -a "$LOG"
+note "gpu tests: $(tail -1 "${OUT:-/tmp}/gpu_tests.log") (rc $gpu_rc)"
+note "fast suite: $(tail -1 "${OUT:-/tmp}/fast_suite.log") (rc $suite${parallel:+, xdist $parallel})"
+[ $gpu_rc = 0 ] && [ $suite = 0 ] || fail=1
+
+step "4. nanoGPT's baby GPT (6x384, context 256, batch 64, dropout 0.2, 5000 steps) through charlm train, tested"
+if [ "$(left)" -gt 95 ]; then
+  dir=$(mktemp -d)
+  (cd "$dir" && timeout $(upto 5) $PY -m charlm train "$ROOT/experiments/gpt.yaml" --set model.n_layer=6 \
+     --set model.n_head=6 --set model.n_embd=384 --set model.dropout=0.2 --set data.context=256 --set train.batch_size=64 \
+     --set train.lr=1e-3 --set train.max_steps=5000 --set train.max_minutes=$(( ($(left) - 30) / 60 )) \
+     --set train.patience=0 --set train.validation_interval=250 --set train.eval_batch_size=256 > train.log 2>&1)
+  tail -4 "$dir/train.log" | tee -a "$LOG"
+  note "baby GPT: $(grep -E 'test loss' "$dir/train.log" | tail -1)"
+else
+  note "baby GPT: not run, $(left) s left"
+fi
+
 echo
+echo "== summary after $(( $(date +%s) - T0 )) s" | tee -a "$LOG"
+printf '%s\n' "${summary[@]}" | tee -a "$LOG"
 [ $fail = 0 ] && echo "gpu check: passed" | tee -a "$LOG" || echo "gpu check: FAILED (see above)" | tee -a "$LOG"
 exit $fail

@@ -51,7 +51,8 @@ class ModelConfig:
 class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda; auto takes a GPU when torch sees one
     precision: str = "auto"  # auto | fp32 | bf16; auto = bf16 autocast where the hardware has it
-    compile: str = "auto"  # auto | true | false: torch.compile the training step; auto = on CUDA only
+    compile: str = "auto"  # auto | true | false: torch.compile the training step; auto = on CUDA, for runs long enough to repay it
+    compile_mode: str = "auto"  # auto | default | reduce-overhead (CUDA graphs); auto = reduce-overhead on CUDA (README, GPUs)
     threads: int = 0  # torch intra-op threads; 0 = torch's default (the physical cores)
     seed: int = 0  # one seed drives init, batch order and dropout
     batch_size: int = 32  # sequences per step
@@ -91,6 +92,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile": ("auto", "true", "false"),
+    "train.compile_mode": ("auto", "default", "reduce-overhead"),
     "train.schedule": ("cosine", "linear", "constant", "wsd"),
 }
 

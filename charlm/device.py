@@ -23,10 +23,29 @@ def bf16_supported(device: str) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def compile_for(setting: str, device: str) -> bool:
-    """``train.compile``: auto compiles on CUDA, where fusing the step's kernels pays; on CPU the
-    step stays eager unless asked (its first steps would spend the clock compiling)."""
-    return setting == "true" or (setting == "auto" and device == "cuda")
+# auto compiles a CUDA run only when its budget allows at least this many steps and minutes:
+# compiling takes tens of seconds on the run's clock, and saves milliseconds a step (README, GPUs)
+COMPILE_PAYS_STEPS = 2000
+COMPILE_PAYS_MINUTES = 2.0
+
+
+def compile_for(setting: str, device: str, max_steps: int, max_minutes: float) -> bool:
+    """``train.compile``: auto compiles on CUDA, where fusing the step's kernels pays, for a run
+    long enough to win back the compile; on CPU the step stays eager unless asked (measured no
+    faster there, README "Figures")."""
+    if setting != "auto":
+        return setting == "true"
+    long_enough = max_steps >= COMPILE_PAYS_STEPS and (max_minutes == 0 or max_minutes >= COMPILE_PAYS_MINUTES)
+    return device == "cuda" and long_enough
+
+
+def compile_mode_for(setting: str, device: str) -> str:
+    """``train.compile_mode``: auto replays the compiled step as CUDA graphs on CUDA, where a small
+    model's step is bound by launching its kernels, not by running them (bench/gpu_speed.py measures
+    both); CPU has no CUDA graphs."""
+    if setting == "auto":
+        return "reduce-overhead" if device == "cuda" else "default"
+    return setting
 
 
 def autocast_for(precision: str, device: str) -> torch.autocast | None:

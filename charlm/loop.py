@@ -73,6 +73,7 @@ class Run:
     n_params: int
     fit_seconds: float
     compiled: torch.nn.Module | None = None  # the model through torch.compile for training steps (train.compile)
+    cuda_graphs: bool = False  # the compiled step replays as CUDA graphs (train.compile_mode)
 
     @property
     def ckpt_path(self) -> Path:
@@ -270,6 +271,8 @@ class Loop:
         for g in run.optimizer.param_groups:
             g["lr"] = lr
         x, y = run.batches.next()
+        if run.cuda_graphs:  # a new step: the last one's graph outputs (its loss, already summed) may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with run.amp or contextlib.nullcontext():
             _, loss = (run.compiled if run.compiled is not None else run.model)(x, y)
         self.state.step += 1

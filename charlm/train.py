@@ -17,7 +17,7 @@ import torch
 
 from charlm.config import Config, dump_yaml, flatten
 from charlm.data import Batcher, Corpus, load_corpus
-from charlm.device import autocast_for, compile_for, guard_memory, resolve_device
+from charlm.device import autocast_for, compile_for, compile_mode_for, guard_memory, resolve_device
 from charlm.evaluate import EvalResult
 from charlm.loop import EvalEvent, Loop, Run, StopReason, TrainState
 from charlm.models import build_model, count_params, generate
@@ -68,14 +68,15 @@ def setup(cfg: Config, tracker: Tracker, corpus: Corpus | None) -> Run:
     model.fit(corpus.train)  # count-based models (ngram) learn from the whole split in one pass
     fit_seconds = time.perf_counter() - t_fit
     trainable = any(p.requires_grad for p in model.parameters())
-    compiled = None
-    if trainable and compile_for(cfg.train.compile, device):
+    compiled, mode = None, None
+    if trainable and compile_for(cfg.train.compile, device, cfg.train.max_steps, cfg.train.max_minutes):
         torch._dynamo.reset()  # a worker's earlier trials (other shapes) must not use up the recompile limit
-        compiled = torch.compile(model)
+        mode = compile_mode_for(cfg.train.compile_mode, device)
+        compiled = torch.compile(model, mode=mode)
     return Run(cfg, tracker, corpus, device, model, autocast_for(cfg.train.precision, device),
                make_optimizer(model, cfg) if trainable else None,
                Batcher(corpus.train, cfg.data.context, cfg.train.batch_size, cfg.train.seed, device),
-               count_params(model), fit_seconds, compiled)
+               count_params(model), fit_seconds, compiled, cuda_graphs=mode == "reduce-overhead" and device == "cuda")
 
 
 def log_params(run: Run) -> None:
@@ -84,7 +85,7 @@ def log_params(run: Run) -> None:
         **flatten(cfg), "model_kind": cfg.model.kind, "n_params": run.n_params, "data_sha256": run.corpus.sha256,
         "data_file": run.corpus.path.name, "vocab_size": len(run.corpus.vocab), "git_commit": git_commit(),
         "device": run.device, "amp": "bf16" if run.amp else "fp32", "torch_threads": torch.get_num_threads(),
-        "compiled": run.compiled is not None,
+        "compiled": run.compiled is not None, "cuda_graphs": run.cuda_graphs,
     })
     tracker.log_metrics({"n_params": run.n_params}, step=0)  # also a metric: the UI charts metrics, not params
     tracker.log_dataset(run.corpus)

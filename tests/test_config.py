@@ -74,6 +74,7 @@ def test_int_key_rejects_fraction(tmp_path):
     ("train: {lr: -1}", "train.lr", "a number > 0"),
     ("data: {val_fraction: 0.7}", "data.val_fraction", "a fraction in (0, 0.5)"),
     ("train: {compile: maybe}", "train.compile", "one of auto | true | false"),
+    ("train: {compile_mode: max-autotune}", "train.compile_mode", "one of auto | default | reduce-overhead"),
     ("train: {precision: true}", "train.precision", "one of auto | fp32 | bf16"),
 ])
 def test_bad_values(tmp_path, text, key, expected):

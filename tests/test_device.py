@@ -5,12 +5,21 @@ tests/test_gpu.py runs them on a real GPU (``-m gpu``, bench/gpu_check.sh)."""
 import pytest
 import torch
 
-from charlm.device import GPU_WORKERS, compile_for, explain, guard_memory, visible_gpus, worker_env
+from charlm.device import GPU_WORKERS, compile_for, compile_mode_for, explain, guard_memory, visible_gpus, worker_env
 
 
-def test_compile_auto_means_cuda_only():
-    assert compile_for("auto", "cuda") and not compile_for("auto", "cpu")
-    assert compile_for("true", "cpu") and not compile_for("false", "cuda")
+def test_compile_auto_means_cuda_runs_long_enough_to_repay_it():
+    assert compile_for("auto", "cuda", 5000, 0) and compile_for("auto", "cuda", 10**6, 3.0)
+    assert not compile_for("auto", "cpu", 5000, 0)
+    assert not compile_for("auto", "cuda", 60, 0)  # a test's few steps: the compile would be most of the run
+    assert not compile_for("auto", "cuda", 10**6, 0.5)  # a 30-second clock
+    assert compile_for("true", "cpu", 60, 0.1) and not compile_for("false", "cuda", 5000, 0)
+
+
+def test_compile_mode_auto_replays_cuda_graphs_on_cuda_only():
+    """CPU has no CUDA graphs; on CUDA a small model's step is launch-bound (bench/gpu_speed.py)."""
+    assert compile_mode_for("auto", "cuda") == "reduce-overhead" and compile_mode_for("auto", "cpu") == "default"
+    assert compile_mode_for("default", "cuda") == "default" and compile_mode_for("reduce-overhead", "cpu") == "reduce-overhead"
 
 
 def test_workers_share_the_visible_gpus_round_robin():

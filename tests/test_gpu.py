@@ -23,14 +23,17 @@ def cuda_cfg(tiny_cfg):
     return dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, device="cuda", max_steps=60))
 
 
-def test_compiled_cuda_training_reaches_the_loss_of_eager(cuda_cfg):
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_cuda_training_reaches_the_loss_of_eager(cuda_cfg, mode):
+    """Each compile mode (reduce-overhead: the step replayed as CUDA graphs) trains the same run as eager."""
     results = {}
-    for setting in ("false", "auto"):  # auto compiles on CUDA
+    for setting in ("false", "true"):
         tracker = NullTracker()
-        cfg = dataclasses.replace(cuda_cfg, train=dataclasses.replace(cuda_cfg.train, compile=setting))
-        results[setting] = (train(cfg, tracker), tracker)
-    (eager, _), (compiled, tracker) = results["false"], results["auto"]
+        t = dataclasses.replace(cuda_cfg.train, compile=setting, compile_mode=mode)
+        results[setting] = (train(dataclasses.replace(cuda_cfg, train=t), tracker), tracker)
+    (eager, _), (compiled, tracker) = results["false"], results["true"]
     assert tracker.params["compiled"] == "True" and tracker.metrics["compile_seconds"][0][1] > 0
+    assert tracker.params["cuda_graphs"] == str(mode == "reduce-overhead")
     assert compiled.steps == eager.steps == 60
     assert abs(compiled.best_val_loss - eager.best_val_loss) < 0.05
 

@@ -117,7 +117,8 @@ def test_a_promoted_trial_continues_its_curve_and_its_optuna_trial(asha_study):
 
 
 def test_a_trial_out_of_patience_before_its_rung_ends_is_complete(tmp_path):
-    sweep = asha_sweep(tmp_path, "patient", 2, **{"train.patience": 1, "train.min_relative_improvement": 0.9})
+    # rungs of 2 and 6 s: two evaluations (40 steps) end well inside the first, even on a loaded machine
+    sweep = asha_sweep(tmp_path, "patient", 2, min_seconds=2, **{"train.patience": 1, "train.min_relative_improvement": 0.9})
     r = cli("sweep", str(sweep), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     trials = study_of(tmp_path, "patient").trials
