@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One prepared check for a GPU machine, inside GPU_CHECK_SECONDS (default 480) on one H100/H200-class GPU:
+# One prepared check for a GPU machine, inside GPU_CHECK_SECONDS (default 540) on one H100/H200-class GPU:
 #   1. speed, while the GPU is idle: bench/gpu_speed.py (the real trainer eager and in each compile
 #      mode against a plain compiled PyTorch reference of the same shape, FLOP/s as a share of the
 #      measured bf16 peak);
-#   2. a shrunk sweeps/gpu.yaml study with 1 worker, then with 4 sharing the GPU: trials/minute and
-#      the trials' compile seconds;
+#   2. a 4-trial study of sweeps/gpu.yaml's space (12 s trials, compiled, no pruning) with 4 workers
+#      sharing the GPU, then with 1 (second: the compile cache it finds warm can only favour it):
+#      trials/minute and the trials' compile seconds;
 #   3. the tests marked gpu (compiled CUDA training in each compile mode, a NaN caught at the next
 #      evaluation, the memory guard of workers sharing a GPU) beside the whole fast suite, as CI
 #      runs it on CPU (train.device=auto picks the GPU there; in parallel with pytest-xdist where
@@ -12,7 +13,8 @@
 #   4. with time left: nanoGPT's baby-GPT recipe through `charlm train` on the GPU, tested.
 # Needs the project's packages importable (on a bare GPU machine: wheels, README "GPUs") and the
 # text: CHARLM_DATA_MIRROR=<folder holding tinyshakespeare.txt>. Each step's output goes to
-# ${OUT:-/tmp}/gpu_check.log as well; the last lines are the summary.
+# ${OUT:-/tmp}/gpu_check.log as well; the last lines are the summary. GPU_CHECK_STEPS="2 3" runs
+# only those steps (a rerun inside what is left of a lease).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,7 +22,7 @@ PY=$(command -v "${PY:-python3}" || echo "$PWD/${PY:-python3}")  # absolute: ste
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG=${OUT:-/tmp}/gpu_check.log
 export PYTHONUNBUFFERED=1 MLFLOW_TRACKING_URI= CI=true
-BUDGET=${GPU_CHECK_SECONDS:-480}
+BUDGET=${GPU_CHECK_SECONDS:-540}
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 upto() { local s=$(( $(left) - $1 )); echo $(( s > 20 ? s : 20 )); }  # seconds for a step that leaves $1
@@ -28,21 +30,26 @@ fail=0
 summary=()
 step() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
 note() { summary+=("$*"); echo "$*" | tee -a "$LOG"; }
+STEPS=" ${GPU_CHECK_STEPS:-1 2 3 4} "  # a rerun may take some: GPU_CHECK_STEPS="2 3"
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
+wanted 1 && {
 step "1. speed, 6x384 context 256 batch 64 bf16"
 timeout 220 $PY bench/gpu_speed.py --run-steps 2000 2>&1 | tee -a "$LOG" || fail=1
 note "$(grep -E '^\| charlm trainer|^\| reference' "$LOG" | tr -s ' ')"
 note "$(grep '^real trainer' "$LOG")"
+}
 
-step "2. sweeps/gpu.yaml shrunk (1-minute study, rungs 5 s / 15 s / 45 s, compiled as the full one is), 1 worker then 4 sharing the GPU"
-for workers in 1 4; do
-  [ "$(left)" -gt 70 ] || { note "$workers worker(s): not run, $(left) s left"; fail=1; continue; }
+wanted 2 && {
+step "2. a 4-trial study from sweeps/gpu.yaml (12 s each, no pruning, compiled as the full one is), 4 workers sharing the GPU, then 1"
+for workers in 4 1; do
+  [ "$(left)" -gt 40 ] || { note "$workers worker(s): not run, $(left) s left"; fail=1; continue; }
   dir=$(mktemp -d)
-  sed "s/timeout_min: [0-9.]*/timeout_min: 1/; s/name: gpu,/name: gpu-w$workers,/; s/min_seconds: [0-9.]*/min_seconds: 5/;
-       s/train.max_minutes: [0-9.]* /train.max_minutes: 0.75 /; s/train.compile: auto/train.compile: \"true\"/" sweeps/gpu.yaml > "$dir/gpu.yaml"
+  sed "s/n_trials: [0-9]*, timeout_min: [0-9.]*/n_trials: 4/; s/name: gpu,/name: gpu-w$workers,/; s/^pruner: .*/pruner: {type: none}/;
+       s/train.max_minutes: [0-9.]* /train.max_minutes: 0.2 /; s/train.compile: auto/train.compile: \"true\"/" sweeps/gpu.yaml > "$dir/gpu.yaml"
   sed -i "s#base: experiments/#base: $PWD/experiments/#; s#baseline: experiments/#baseline: $PWD/experiments/#" "$dir/gpu.yaml"
   start=$(date +%s)
-  (cd "$dir" && timeout 120 $PY -m charlm sweep gpu.yaml --workers $workers > sweep.log 2>&1) || { fail=1; tail -5 "$dir/sweep.log" | tee -a "$LOG"; }
+  (cd "$dir" && timeout $(upto 5) $PY -m charlm sweep gpu.yaml --workers $workers > sweep.log 2>&1) || { fail=1; tail -5 "$dir/sweep.log" | tee -a "$LOG"; }
   took=$(( $(date +%s) - start ))
   note "$(cd "$dir" && $PY - "$workers" "$took" 2>&1 <<'PYEOF'
 import statistics, sys
@@ -58,13 +65,15 @@ failed = [t.user_attrs.get("error", "") for t in study.trials if t.state == Tria
 mlflow.set_tracking_uri(tracking_uri())
 runs = mlflow.search_runs(experiment_names=[name])
 compiles = runs["metrics.compile_seconds"].dropna().tolist() if "metrics.compile_seconds" in runs else []
-print(f"{workers} worker(s): {len(done)} trials finished in {took / 60:.1f} min = {len(done) / (took / 60):.1f} trials/min; "
+print(f"{workers} worker(s): {len(done)} trials finished in {took / 60:.2f} min = {len(done) / (took / 60):.1f} trials/min; "
       f"{len(failed)} failed {failed[:1]}; compile s median {statistics.median(compiles) if compiles else float('nan'):.1f} "
-      f"of {len(compiles)}")
+      f"of {len(compiles)}; best val {min((t.value for t in done if t.value is not None), default=float('nan')):.4f}")
 PYEOF
 )"
 done
+}
 
+wanted 3 && {
 step "3. tests marked gpu, beside the fast suite"
 parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "${OUT:-/tmp}/gpu_tests.log" 2>&1 &
@@ -78,7 +87,9 @@ tail -3 "${OUT:-/tmp}/fast_suite.log" | tee -a "$LOG"
 note "gpu tests: $(tail -1 "${OUT:-/tmp}/gpu_tests.log") (rc $gpu_rc)"
 note "fast suite: $(tail -1 "${OUT:-/tmp}/fast_suite.log") (rc $suite${parallel:+, xdist $parallel})"
 [ $gpu_rc = 0 ] && [ $suite = 0 ] || fail=1
+}
 
+wanted 4 && {
 step "4. nanoGPT's baby GPT (6x384, context 256, batch 64, dropout 0.2, 5000 steps) through charlm train, tested"
 if [ "$(left)" -gt 95 ]; then
   dir=$(mktemp -d)
@@ -91,6 +102,7 @@ if [ "$(left)" -gt 95 ]; then
 else
   note "baby GPT: not run, $(left) s left"
 fi
+}
 
 echo
 echo "== summary after $(( $(date +%s) - T0 )) s" | tee -a "$LOG"

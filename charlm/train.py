@@ -141,10 +141,16 @@ def keep_interrupted(run: Run, state: TrainState) -> None:
     run.tracker.set_tags({"stop_reason": StopReason.INTERRUPTED})
     if state.best_state is None:
         return
-    if not run.ckpt_path.is_file():  # resumed, and no new best yet: write the restored best weights
+    write_restored_best(run, state)
+    run.tracker.log_artifact(run.ckpt_path, "model")
+
+
+def write_restored_best(run: Run, state: TrainState) -> None:
+    """A resumed or promoted run that has found no new best yet has no checkpoint in this process:
+    write the best weights it restored, so the run always logs its best model."""
+    if not run.ckpt_path.is_file():
         run.model.load_state_dict(state.best_state)
         run.save_checkpoint({"step": state.stop.best_step, "slice_val_loss": state.stop.best})
-    run.tracker.log_artifact(run.ckpt_path, "model")
 
 
 def final_evaluation(run: Run, state: TrainState) -> tuple[EvalResult, EvalResult, dict]:
@@ -193,6 +199,7 @@ def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float
     tracker.set_tags({"stop_reason": reason, "model_kind": run.cfg.model.kind})
     tracker.flush()
     if kept:
+        write_restored_best(run, state)  # a promoted trial may end its rung without a new best
         tracker.log_artifact(run.ckpt_path, "model")
     if tested:
         _log_sample(run)

@@ -167,7 +167,9 @@ def test_mixture_trains_the_network_alone_then_fits_its_weight_on_val(tmp_path, 
     from charlm.tracking import NullTracker
     from charlm.train import train
 
-    cfg = config.override(tiny_cfg, {"model.mix_order": 4, "train.max_steps": 60}, where="test")
+    # pinned to the CPU: it asserts that a reloaded model reproduces the run's full passes to 1e-9,
+    # which one CPU does bit for bit; a GPU's kernels need not (this test failed on an H200)
+    cfg = config.override(tiny_cfg, {"model.mix_order": 4, "train.max_steps": 60, "train.device": "cpu"}, where="test")
     tracker = NullTracker(tmp_path)
     res = train(cfg, tracker)
     w = res.mixture["mix_weight"]

@@ -265,6 +265,37 @@ def test_interrupted_run_resumes_from_its_saved_state_to_the_same_result(tiny_cf
     assert "resumed_from_step" not in tracker.tags
 
 
+def test_a_promoted_rung_that_finds_no_new_best_still_logs_the_best_model(tiny_cfg, tmp_path, mlflow_uri,
+                                                                             monkeypatch):
+    """A promoted trial goes on in a new process, whose scratch folder has no checkpoint yet; when
+    its rung ends before any new best (on a GPU, a compile can take most of a short rung), the best
+    weights it restored are written and logged, not a missing file (found on an H200)."""
+    import torch
+
+    from charlm import loop
+
+    cfg = config.override(tiny_cfg, {"train.max_steps": 1000}, where="test")
+    state = tmp_path / "state.pt"
+    first = train(cfg, NullTracker(), state_path=state, until=0.0, progress=False)  # rung 0: one step
+    assert first.stop_reason is loop.StopReason.RUNG_END and first.best_step == 1
+    step = loop.Loop.step
+
+    def worse_step(self, lr):  # the promoted rung's one step leaves the model worse than its best
+        done = step(self, lr)
+        with torch.no_grad():
+            for p in self.run.model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)).to(p.device) * 0.3)
+        return done
+
+    monkeypatch.setattr(loop.Loop, "step", worse_step)
+    with MlflowTracker(cfg.experiment, "promoted") as tracker:
+        second = train(cfg, tracker, state_path=state, until=0.0, continued=True, progress=False)
+    assert second.stop_reason is loop.StopReason.RUNG_END and second.steps == 2 and second.best_step == 1
+    client = MlflowClient(mlflow_uri)
+    kept = checkpoint.load(client.download_artifacts(tracker.run_id, "model/model.pt"))
+    assert kept.meta["step"] == 1
+
+
 def test_ctrl_c_after_a_resume_before_any_new_best_ends_killed_with_the_restored_best(tiny_cfg, tmp_path,
                                                                                        mlflow_uri, monkeypatch):
     """`make best` resumes a seed, and Ctrl-C comes before its first new evaluation: the checkpoint
