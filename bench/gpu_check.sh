@@ -10,7 +10,9 @@
 #      evaluation, the memory guard of workers sharing a GPU) beside the whole fast suite, as CI
 #      runs it on CPU (train.device=auto picks the GPU there; in parallel with pytest-xdist where
 #      it is installed);
-#   4. with time left: nanoGPT's baby-GPT recipe through `charlm train` on the GPU, tested.
+#   4. with time left: nanoGPT's baby-GPT recipe through `charlm train` on the GPU, tested;
+#   5. only when asked (GPU_CHECK_STEPS=5, about 9.5 minutes): the whole study as a user runs it,
+#      make sweep SWEEP=sweeps/gpu.yaml WORKERS=4 && make best SWEEP=sweeps/gpu.yaml.
 # Needs the project's packages importable (on a bare GPU machine: wheels, README "GPUs") and the
 # text: CHARLM_DATA_MIRROR=<folder holding tinyshakespeare.txt>. Each step's output goes to
 # ${OUT:-/tmp}/gpu_check.log as well; the last lines are the summary. GPU_CHECK_STEPS="2 3" runs
@@ -102,6 +104,17 @@ if [ "$(left)" -gt 95 ]; then
 else
   note "baby GPT: not run, $(left) s left"
 fi
+}
+
+wanted 5 && {
+step "5. make sweep SWEEP=sweeps/gpu.yaml WORKERS=4 && make best SWEEP=sweeps/gpu.yaml"
+venv=$(dirname "$(dirname "$PY")")  # the python in use, through the Makefile; its install step skipped
+start=$(date +%s)
+timeout $(upto 5) make -s sweep best SWEEP=sweeps/gpu.yaml WORKERS=4 VENV="$venv" PY="$PY" -o "$venv/.installed" \
+  > "${OUT:-/tmp}/gpu_study.log" 2>&1 || fail=1
+grep -E "^sweep gpu|^best trial|^  seed|^test loss" "${OUT:-/tmp}/gpu_study.log" | tail -8 | tee -a "$LOG"
+note "gpu study: sweep + best in $(( $(date +%s) - start )) s; $(grep -E '^test loss' "${OUT:-/tmp}/gpu_study.log" | tail -1)"
+note "$(grep -E '^  seed' "${OUT:-/tmp}/gpu_study.log" | tr -s ' ' | paste -sd ';')"
 }
 
 echo
