@@ -139,18 +139,17 @@ def train(cfg: Config, tracker: Tracker, on_eval: Callable[[EvalEvent], StopReas
 def keep_interrupted(run: Run, state: TrainState) -> None:
     """Ctrl-C / SIGTERM: keep the best checkpoint so far with the run before it ends KILLED."""
     run.tracker.set_tags({"stop_reason": StopReason.INTERRUPTED})
-    if state.best_state is None:
-        return
-    write_restored_best(run, state)
-    run.tracker.log_artifact(run.ckpt_path, "model")
+    if state.best_state is not None:
+        log_best_model(run, state)
 
 
-def write_restored_best(run: Run, state: TrainState) -> None:
-    """A resumed or promoted run that has found no new best yet has no checkpoint in this process:
-    write the best weights it restored, so the run always logs its best model."""
+def log_best_model(run: Run, state: TrainState) -> None:
+    """Log the best weights as the run's model. A resumed or promoted run that has found no new best
+    yet has no checkpoint in this process: the best weights it restored are written first."""
     if not run.ckpt_path.is_file():
         run.model.load_state_dict(state.best_state)
         run.save_checkpoint({"step": state.stop.best_step, "slice_val_loss": state.stop.best})
+    run.tracker.log_artifact(run.ckpt_path, "model")
 
 
 def final_evaluation(run: Run, state: TrainState) -> tuple[EvalResult, EvalResult, dict]:
@@ -199,8 +198,7 @@ def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float
     tracker.set_tags({"stop_reason": reason, "model_kind": run.cfg.model.kind})
     tracker.flush()
     if kept:
-        write_restored_best(run, state)  # a promoted trial may end its rung without a new best
-        tracker.log_artifact(run.ckpt_path, "model")
+        log_best_model(run, state)  # a promoted trial may end its rung without a new best
     if tested:
         _log_sample(run)
     if state.history:
