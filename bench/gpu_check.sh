@@ -3,9 +3,9 @@
 #   1. speed, while the GPU is idle: bench/gpu_speed.py (the real trainer eager and in each compile
 #      mode against a plain compiled PyTorch reference of the same shape, FLOP/s as a share of the
 #      measured bf16 peak);
-#   2. a 4-trial study of sweeps/gpu.yaml's space (12 s trials, compiled, no pruning) with 4 workers
-#      sharing the GPU, then with 1 (second: the compile cache it finds warm can only favour it):
-#      trials/minute and the trials' compile seconds;
+#   2. a 4-trial study of sweeps/gpu.yaml's space (12 s trials, eager, no pruning, no baseline) with 4
+#      workers sharing the GPU, then with 1: trials/minute of the chip shared against one at a time
+#      (eager, so that compiles, measured in step 5, do not decide it);
 #   3. the tests marked gpu (compiled CUDA training in each compile mode, a NaN caught at the next
 #      evaluation, the memory guard of workers sharing a GPU) beside the whole fast suite, as CI
 #      runs it on CPU (train.device=auto picks the GPU there; in parallel with pytest-xdist where
@@ -15,8 +15,8 @@
 #      make sweep SWEEP=sweeps/gpu.yaml WORKERS=4 && make best SWEEP=sweeps/gpu.yaml.
 # Needs the project's packages importable (on a bare GPU machine: wheels, README "GPUs") and the
 # text: CHARLM_DATA_MIRROR=<folder holding tinyshakespeare.txt>. Each step's output goes to
-# ${OUT:-/tmp}/gpu_check.log as well; the last lines are the summary. GPU_CHECK_STEPS="2 3" runs
-# only those steps (a rerun inside what is left of a lease).
+# ${OUT:-/tmp}/gpu_check.log as well; the last lines are the summary. GPU_CHECK_STEPS="3 2" runs
+# only those steps, in that order (a rerun inside what is left of a lease).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -32,50 +32,54 @@ fail=0
 summary=()
 step() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
 note() { summary+=("$*"); echo "$*" | tee -a "$LOG"; }
-STEPS=" ${GPU_CHECK_STEPS:-1 2 3 4} "  # a rerun may take some: GPU_CHECK_STEPS="2 3"
-wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
-wanted 1 && {
+# trials/min, failures and compile seconds of study $1 (journal under ./mlruns) that took $3 s with $2 workers
+figures() {
+  $PY - "$@" 2>&1 <<'PYEOF'
+import statistics, sys
+import mlflow, optuna
+from optuna.trial import TrialState
+from charlm.storage import open_storage
+from charlm.tracking import tracking_uri
+name, workers, took = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+study = optuna.load_study(study_name=name, storage=open_storage(f"journal:mlruns/optuna/{name}.journal"))
+done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+# a trial the deadline's SIGTERM stopped is FAIL without an error: it is queued again, not broken
+failed = [t.user_attrs["error"] for t in study.trials if t.state == TrialState.FAIL and t.user_attrs.get("error")]
+stopped = sum(t.state == TrialState.FAIL and not t.user_attrs.get("error") for t in study.trials)
+mlflow.set_tracking_uri(tracking_uri())
+runs = mlflow.search_runs(experiment_names=[name])
+compiles = runs["metrics.compile_seconds"].dropna().tolist() if "metrics.compile_seconds" in runs else []
+print(f"{name}, {workers} worker(s): {len(done)} trials finished in {took / 60:.2f} min = {len(done) / (took / 60):.1f} "
+      f"trials/min; {len(failed)} failed {failed[:1]}, {stopped} stopped by the deadline; compile s median "
+      f"{statistics.median(compiles) if compiles else float('nan'):.1f} of {len(compiles)}; best val "
+      f"{min((t.value for t in done if t.value is not None), default=float('nan')):.4f}")
+PYEOF
+}
+
+speed() {
 step "1. speed, 6x384 context 256 batch 64 bf16"
 timeout 220 $PY bench/gpu_speed.py --run-steps 2000 2>&1 | tee -a "$LOG" || fail=1
 note "$(grep -E '^\| charlm trainer|^\| reference' "$LOG" | tr -s ' ')"
 note "$(grep '^real trainer' "$LOG")"
 }
 
-wanted 2 && {
-step "2. a 4-trial study from sweeps/gpu.yaml (12 s each, no pruning, compiled as the full one is), 4 workers sharing the GPU, then 1"
+sharing() {
+step "2. a 4-trial study from sweeps/gpu.yaml (12 s each, eager, no pruning), 4 workers sharing the GPU, then 1"
 for workers in 4 1; do
   [ "$(left)" -gt 40 ] || { note "$workers worker(s): not run, $(left) s left"; fail=1; continue; }
   dir=$(mktemp -d)
   sed "s/n_trials: [0-9]*, timeout_min: [0-9.]*/n_trials: 4/; s/name: gpu,/name: gpu-w$workers,/; s/^pruner: .*/pruner: {type: none}/;
-       s/train.max_minutes: [0-9.]* /train.max_minutes: 0.2 /; s/train.compile: auto/train.compile: \"true\"/" sweeps/gpu.yaml > "$dir/gpu.yaml"
+       s/train.max_minutes: [0-9.]* /train.max_minutes: 0.2 /; s/train.compile: auto/train.compile: \"false\"/; /^baseline:/d" sweeps/gpu.yaml > "$dir/gpu.yaml"
   sed -i "s#base: experiments/#base: $PWD/experiments/#; s#baseline: experiments/#baseline: $PWD/experiments/#" "$dir/gpu.yaml"
   start=$(date +%s)
   (cd "$dir" && timeout $(upto 5) $PY -m charlm sweep gpu.yaml --workers $workers > sweep.log 2>&1) || { fail=1; tail -5 "$dir/sweep.log" | tee -a "$LOG"; }
   took=$(( $(date +%s) - start ))
-  note "$(cd "$dir" && $PY - "$workers" "$took" 2>&1 <<'PYEOF'
-import statistics, sys
-import mlflow, optuna
-from optuna.trial import TrialState
-from charlm.storage import open_storage
-from charlm.tracking import tracking_uri
-workers, took = int(sys.argv[1]), float(sys.argv[2])
-name = f"gpu-w{workers}"
-study = optuna.load_study(study_name=name, storage=open_storage(f"journal:mlruns/optuna/{name}.journal"))
-done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-failed = [t.user_attrs.get("error", "") for t in study.trials if t.state == TrialState.FAIL]
-mlflow.set_tracking_uri(tracking_uri())
-runs = mlflow.search_runs(experiment_names=[name])
-compiles = runs["metrics.compile_seconds"].dropna().tolist() if "metrics.compile_seconds" in runs else []
-print(f"{workers} worker(s): {len(done)} trials finished in {took / 60:.2f} min = {len(done) / (took / 60):.1f} trials/min; "
-      f"{len(failed)} failed {failed[:1]}; compile s median {statistics.median(compiles) if compiles else float('nan'):.1f} "
-      f"of {len(compiles)}; best val {min((t.value for t in done if t.value is not None), default=float('nan')):.4f}")
-PYEOF
-)"
+  note "$(cd "$dir" && figures "gpu-w$workers" "$workers" "$took")"
 done
 }
 
-wanted 3 && {
+tests() {
 step "3. tests marked gpu, beside the fast suite"
 parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "${OUT:-/tmp}/gpu_tests.log" 2>&1 &
@@ -91,7 +95,7 @@ note "fast suite: $(tail -1 "${OUT:-/tmp}/fast_suite.log") (rc $suite${parallel:
 [ $gpu_rc = 0 ] && [ $suite = 0 ] || fail=1
 }
 
-wanted 4 && {
+baby_gpt() {
 step "4. nanoGPT's baby GPT (6x384, context 256, batch 64, dropout 0.2, 5000 steps) through charlm train, tested"
 if [ "$(left)" -gt 95 ]; then
   dir=$(mktemp -d)
@@ -106,16 +110,28 @@ else
 fi
 }
 
-wanted 5 && {
+study() {
 step "5. make sweep SWEEP=sweeps/gpu.yaml WORKERS=4 && make best SWEEP=sweeps/gpu.yaml"
 venv=$(dirname "$(dirname "$PY")")  # the python in use, through the Makefile; its install step skipped
+make=(make -s SWEEP=sweeps/gpu.yaml WORKERS=4 VENV="$venv" PY="$PY" -o "$venv/.installed")
+log=${OUT:-/tmp}/gpu_study.log
 start=$(date +%s)
-timeout $(upto 5) make -s sweep best SWEEP=sweeps/gpu.yaml WORKERS=4 VENV="$venv" PY="$PY" -o "$venv/.installed" \
-  > "${OUT:-/tmp}/gpu_study.log" 2>&1 || fail=1
-grep -E "^sweep gpu|^best trial|^  seed|^test loss" "${OUT:-/tmp}/gpu_study.log" | tail -8 | tee -a "$LOG"
-note "gpu study: sweep + best in $(( $(date +%s) - start )) s; $(grep -E '^test loss' "${OUT:-/tmp}/gpu_study.log" | tail -1)"
-note "$(grep -E '^  seed' "${OUT:-/tmp}/gpu_study.log" | tr -s ' ' | paste -sd ';')"
+timeout $(upto 240) "${make[@]}" sweep > "$log" 2>&1 || fail=1
+swept=$(( $(date +%s) - start ))
+timeout $(upto 5) "${make[@]}" best >> "$log" 2>&1 || fail=1
+grep -E "^best|^  seed|^test loss" "$log" | tail -6 | tee -a "$LOG"
+note "gpu study: sweep ${swept} s + best $(( $(date +%s) - start - swept )) s; $(grep -E '^test loss' "$log" | tail -1)"
+note "$(grep -E '^  seed' "$log" | tr -s ' ' | paste -sd ';')"
+note "$(figures gpu 4 "$swept")"
 }
+
+steps=(_ speed sharing tests baby_gpt study)
+for s in ${GPU_CHECK_STEPS:-1 2 3 4}; do  # all checked before any runs
+  [[ "$s" =~ ^[1-5]$ ]] || { echo "GPU_CHECK_STEPS=\"${GPU_CHECK_STEPS}\": no step $s; the steps are 1-5" >&2; exit 2; }
+done
+for s in ${GPU_CHECK_STEPS:-1 2 3 4}; do  # in the order given: GPU_CHECK_STEPS="3 2"
+  ${steps[$s]}
+done
 
 echo
 echo "== summary after $(( $(date +%s) - T0 )) s" | tee -a "$LOG"
