@@ -73,8 +73,9 @@ bench-search: $(STAMP) ## asha vs fixed-budget patience vs Hyperband, same space
 gpu-check: $(STAMP) ## on a GPU machine: tests marked gpu, the fast suite, GPU speed, 1 vs 4 workers (bench/gpu_check.sh)
 	PY=$(PY) bash bench/gpu_check.sh
 
-bench: $(STAMP) ## speed vs matmul peak and a plain PyTorch baseline, eval share, memory; sweep load (trials/min, overhead)
+bench: $(STAMP) ## speed vs matmul peak and a plain PyTorch baseline, eval share, memory; save cost per evaluation; sweep load
 	$(PY) bench/speed.py
+	$(PY) bench/save_cost.py
 	$(PY) bench/sweep_load.py
 
 report: $(STAMP) ## Markdown report of a study with its plots: mlruns/reports/<study>/report.md (also on the parent run)

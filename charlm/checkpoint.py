@@ -39,11 +39,13 @@ class Loaded:
     path: Path
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
+def write_atomic(path: Path, write: Callable[[BinaryIO], Any], durable: bool = True) -> Path:
     """Create ``path`` through ``write(file)`` on a temporary file beside it, then rename: a kill
     at any moment leaves either the old file or the complete new one, never a partial one. A
     Ctrl-C or SIGTERM waits for the file to be complete (raised inside ``torch.save``, it broke
-    the zip writer, whose RuntimeError then hid the signal's exit code)."""
+    the zip writer, whose RuntimeError then hid the signal's exit code). ``durable`` also waits for
+    the disk (fsync), so the file outlives a crash of the machine too; a file whose loss costs only
+    a redone stretch of training (a resume state, checked when read) skips that wait."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -52,7 +54,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -2,7 +2,8 @@
 
 Every ``validation_interval`` steps (and at the last step or when the clock runs out) an evaluation
 on the fixed val slice feeds the patience rule, keeps the best weights, saves the whole state for
-an exact resume, and asks ``on_eval`` whether to stop. A ``wsd`` run that runs out of patience at
+an exact resume (or, in a run that keeps no state, the best checkpoint; see :meth:`Loop.persist`),
+and asks ``on_eval`` whether to stop. A ``wsd`` run that runs out of patience at
 its peak learning rate decays first (over ``decay_fraction`` of its steps so far, as a rung's
 preview does) and stops after: stopped at the peak it would keep weights no decayed run is
 judged by.
@@ -74,6 +75,7 @@ class Run:
     fit_seconds: float
     compiled: torch.nn.Module | None = None  # the model through torch.compile for training steps (train.compile)
     cuda_graphs: bool = False  # the compiled step replays as CUDA graphs (train.compile_mode)
+    saved_step: int | None = None  # the step of the weights at ckpt_path, written by this process (None: none yet)
 
     @property
     def ckpt_path(self) -> Path:
@@ -89,12 +91,15 @@ class Run:
         return full_pass(self.model, ids, t.eval_stride, t.eval_batch_size, self.device, amp)
 
     def save_checkpoint(self, meta: dict) -> None:
+        """The model's weights as they are now, as the checkpoint of step ``meta["step"]``."""
         checkpoint.save(self.ckpt_path, self.model, self.cfg, self.corpus.vocab,
                         {"data_sha256": self.corpus.sha256, "n_params": self.n_params, "seed": self.cfg.train.seed,
                          **meta})
+        self.saved_step = meta["step"]
 
 
-STATE_FORMAT = "charlm-train-state/2"
+STATE_FORMAT = "charlm-train-state/3"  # /3: the best weights left out when they are the model's
+READABLE_STATES = ("charlm-train-state/2", STATE_FORMAT)
 
 
 @dataclass
@@ -112,13 +117,19 @@ class TrainState:
     cooldown_steps: int = 0
 
     def save(self, path: Path, run: Run) -> None:
+        """Written at every evaluation, so it costs what it writes: the best weights are not written
+        twice when they are the model's (a new best at this evaluation: usual while a run improves),
+        and no fsync (a state lost with the machine costs a redone stretch; a torn one is refused)."""
         loop = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "stop"}
-        blob = {"format": STATE_FORMAT, "config": to_dict(run.cfg), "loop": loop,
+        best_is_model = self.best_state is not None and self.stop.best_step == self.step
+        if best_is_model:
+            loop["best_state"] = None
+        blob = {"format": STATE_FORMAT, "config": to_dict(run.cfg), "loop": loop, "best_is_model": best_is_model,
                 "patience": dataclasses.asdict(self.stop), "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(), "batch_rng": run.batches.gen.get_state(),
                 "torch_rng": torch.get_rng_state(),  # dropout on a GPU draws from its own generators
                 "cuda_rng": torch.cuda.get_rng_state_all() if run.device == "cuda" else []}
-        checkpoint.write_atomic(Path(path), lambda f: torch.save(blob, f))
+        checkpoint.write_atomic(Path(path), lambda f: torch.save(blob, f), durable=False)
 
     @classmethod
     def load(cls, path: Path | None, run: Run) -> TrainState | None:
@@ -129,7 +140,7 @@ class TrainState:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a state file cut short cannot be resumed from; start over
             return None
-        if not isinstance(blob, dict) or blob.get("format") != STATE_FORMAT or blob.get("config") != to_dict(run.cfg):
+        if not isinstance(blob, dict) or blob.get("format") not in READABLE_STATES or blob.get("config") != to_dict(run.cfg):
             return None
         run.model.load_state_dict(blob["model"])
         run.optimizer.load_state_dict(blob["optimizer"])
@@ -137,6 +148,8 @@ class TrainState:
         torch.set_rng_state(blob["torch_rng"])
         if blob.get("cuda_rng"):
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        if blob.get("best_is_model"):
+            blob["loop"]["best_state"] = blob["model"]
         return cls(stop=Patience(**blob["patience"]), **blob["loop"])
 
 
@@ -295,9 +308,7 @@ class Loop:
         tokens_per_sec = self.window[1] / max(1e-9, time.perf_counter() - self.window[0])
         row, fired = self.evaluate(lr, tokens_per_sec)
         decaying = self.cooling() or (fired and self.start_cooldown())  # decided before the save resumes it
-        if self.state_path is not None:
-            state.elapsed = self.elapsed()
-            state.save(self.state_path, self.run)
+        self.persist()
         train_loss, val_loss, best = row.get("train_loss", math.nan), row["val_loss"], state.stop.best
         bar.event(f"step {state.step}/{self.run.cfg.train.max_steps} loss {train_loss:.4f} val {val_loss:.4f} "
                   f"(best {best:.4f}) {tokens_per_sec / 1000:.1f}k tok/s", loss=f"{train_loss:.4f}",
@@ -317,6 +328,18 @@ class Loop:
             return StopReason(reason)
         return StopReason.MAX_MINUTES if out_of_time else None
 
+    def persist(self) -> None:
+        """What an evaluation writes. A run with a ``state_path`` (a sweep's trial, a ``best`` seed)
+        saves its whole state, best weights included, so its checkpoint is written once, when the
+        run logs it (charlm/train.py ``log_best_model``); a run without one writes its checkpoint at
+        each new best, so a kill still leaves the best so far."""
+        run, state = self.run, self.state
+        if self.state_path is not None:
+            state.elapsed = self.elapsed()
+            state.save(self.state_path, run)
+        elif state.best_state is not None and state.stop.best_step == state.step:
+            run.save_checkpoint({"step": state.step, "slice_val_loss": state.stop.best})
+
     def evaluate(self, lr: float, tokens_per_sec: float) -> tuple[dict, bool]:
         """One intermediate evaluation on the val slice: the patience rule, the best checkpoint, the
         logged row (``train_loss`` is the mean since the previous evaluation). True when patience ran out."""
@@ -330,7 +353,6 @@ class Loop:
             fired = state.stop.update(state.step, val.loss)
         if state.stop.best_step == state.step:
             state.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-            run.save_checkpoint({"step": state.step, "slice_val_loss": val.loss})
         row = {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_bpc": val.bpc, "lr": lr,
                "tokens_per_sec": tokens_per_sec, "train_seconds": self.elapsed()}  # the compute axis, beside step
         train_loss = self.losses.mean()

@@ -144,9 +144,10 @@ def keep_interrupted(run: Run, state: TrainState) -> None:
 
 
 def log_best_model(run: Run, state: TrainState) -> None:
-    """Log the best weights as the run's model. A resumed or promoted run that has found no new best
-    yet has no checkpoint in this process: the best weights it restored are written first."""
-    if not run.ckpt_path.is_file():
+    """Log the best weights as the run's model, written first unless this process wrote them last
+    (a run with a resume state writes no checkpoint while it trains; a promoted one may end its rung
+    with the best weights it restored)."""
+    if run.saved_step != state.stop.best_step or not run.ckpt_path.is_file():
         run.model.load_state_dict(state.best_state)
         run.save_checkpoint({"step": state.stop.best_step, "slice_val_loss": state.stop.best})
     run.tracker.log_artifact(run.ckpt_path, "model")

@@ -265,6 +265,62 @@ def test_interrupted_run_resumes_from_its_saved_state_to_the_same_result(tiny_cf
     assert "resumed_from_step" not in tracker.tags
 
 
+@pytest.mark.parametrize("keeps_state", [False, True], ids=["plain-run", "with-resume-state"])
+def test_a_run_with_a_resume_state_writes_its_checkpoint_once_and_a_plain_run_at_each_new_best(tiny_cfg, tmp_path,
+                                                                                                keeps_state):
+    """A run with a state_path (a sweep's trial, a `best` seed) saves its state at each evaluation,
+    best weights included, and no checkpoint until it logs one: on a GPU each write is seconds of a
+    trial's clock. A plain run writes its checkpoint at each new best, so a kill leaves the best so
+    far. Either way the checkpoint it ends with holds its best weights."""
+    tracker = NullTracker()
+    ckpt = tracker.workdir / "model" / checkpoint.FILENAME
+    seen = []
+    result = train(tiny_cfg, tracker, on_eval=lambda event: seen.append(ckpt.is_file()),
+                   state_path=tmp_path / "state.pt" if keeps_state else None)
+    assert seen == [not keeps_state] * 4
+    kept = checkpoint.load(ckpt)
+    assert (kept.meta["step"], kept.meta["val_loss"]) == (result.best_step, result.best_val_loss)
+
+
+def test_a_state_saved_at_a_new_best_holds_the_weights_once_and_always_restores_the_best(tiny_cfg, tmp_path):
+    """The state written at every evaluation leaves out the best weights when they are the model's
+    (a new best at that evaluation), so it writes a fifth less; saved after the model moved past
+    its best, it keeps them apart. Restored, both give back the model and the best as they were."""
+    import torch
+
+    from charlm.loop import TrainState
+    from charlm.train import resume, setup
+
+    def weights(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    run = setup(tiny_cfg, NullTracker(), None)
+    state, path = resume(run, None), tmp_path / "state.pt"
+    state.step = 10
+    state.stop.update(10, 2.0)  # a new best: the weights now are the best
+    state.best_state = best = weights(run.model)
+    state.save(path, run)
+    at_best = path.stat().st_size
+    assert torch.load(path, weights_only=True)["loop"]["best_state"] is None
+    restored = setup(tiny_cfg, NullTracker(), None)
+    assert same(TrainState.load(path, restored).best_state, best) and same(weights(restored.model), best)
+
+    with torch.no_grad():  # trained on past its best: a worse evaluation
+        for p in run.model.parameters():
+            p.add_(0.5)
+    state.step = 20
+    state.stop.update(20, 3.0)
+    state.save(path, run)
+    assert path.stat().st_size > at_best * 1.1  # the best is written apart now
+    restored = setup(tiny_cfg, NullTracker(), None)
+    loaded = TrainState.load(path, restored)
+    assert same(loaded.best_state, best) and same(weights(restored.model), weights(run.model))
+    assert not same(best, weights(run.model))
+
+
 def test_a_promoted_rung_that_finds_no_new_best_still_logs_the_best_model(tiny_cfg, tmp_path, mlflow_uri,
                                                                              monkeypatch):
     """A promoted trial goes on in a new process, whose scratch folder has no checkpoint yet; when
