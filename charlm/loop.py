@@ -341,8 +341,9 @@ class Loop:
             run.save_checkpoint({"step": state.step, "slice_val_loss": state.stop.best})
 
     def evaluate(self, lr: float, tokens_per_sec: float) -> tuple[dict, bool]:
-        """One intermediate evaluation on the val slice: the patience rule, the best checkpoint, the
-        logged row (``train_loss`` is the mean since the previous evaluation). True when patience ran out."""
+        """One intermediate evaluation on the val slice: the patience rule, the best weights (kept in
+        memory; :meth:`persist` writes them), the logged row (``train_loss`` is the mean since the
+        previous evaluation). True when patience ran out."""
         run, state = self.run, self.state
         te = time.perf_counter()
         val = run.score(run.val_slice(), run.amp)
