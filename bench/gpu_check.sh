@@ -71,7 +71,7 @@ for workers in 4 1; do
   dir=$(mktemp -d)
   sed "s/n_trials: [0-9]*, timeout_min: [0-9.]*/n_trials: 4/; s/name: gpu,/name: gpu-w$workers,/; s/^pruner: .*/pruner: {type: none}/;
        s/train.max_minutes: [0-9.]* /train.max_minutes: 0.2 /; s/train.compile: auto/train.compile: \"false\"/; /^baseline:/d" sweeps/gpu.yaml > "$dir/gpu.yaml"
-  sed -i "s#base: experiments/#base: $PWD/experiments/#; s#baseline: experiments/#baseline: $PWD/experiments/#" "$dir/gpu.yaml"
+  sed -i "s#base: experiments/#base: $PWD/experiments/#" "$dir/gpu.yaml"
   start=$(date +%s)
   (cd "$dir" && timeout $(upto 5) $PY -m charlm sweep gpu.yaml --workers $workers > sweep.log 2>&1) || { fail=1; tail -5 "$dir/sweep.log" | tee -a "$LOG"; }
   took=$(( $(date +%s) - start ))
