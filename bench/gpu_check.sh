@@ -11,7 +11,7 @@
 #      runs it on CPU (train.device=auto picks the GPU there; in parallel with pytest-xdist where
 #      it is installed);
 #   4. with time left: nanoGPT's baby-GPT recipe through `charlm train` on the GPU, tested;
-#   5. only when asked (GPU_CHECK_STEPS=5, about 9.5 minutes): the whole study as a user runs it,
+#   5. only when asked (GPU_CHECK_STEPS=5, 9 minutes at worst): the whole study as a user runs it,
 #      make sweep SWEEP=sweeps/gpu.yaml WORKERS=4 && make best SWEEP=sweeps/gpu.yaml.
 # Needs the project's packages importable (on a bare GPU machine: wheels, README "GPUs") and the
 # text: CHARLM_DATA_MIRROR=<folder holding tinyshakespeare.txt>. Each step's output goes to
@@ -126,10 +126,11 @@ note "$(figures gpu 4 "$swept")"
 }
 
 steps=(_ speed sharing tests baby_gpt study)
-for s in ${GPU_CHECK_STEPS:-1 2 3 4}; do  # all checked before any runs
+order=${GPU_CHECK_STEPS:-1 2 3 4}
+for s in $order; do  # all checked before any runs
   [[ "$s" =~ ^[1-5]$ ]] || { echo "GPU_CHECK_STEPS=\"${GPU_CHECK_STEPS}\": no step $s; the steps are 1-5" >&2; exit 2; }
 done
-for s in ${GPU_CHECK_STEPS:-1 2 3 4}; do  # in the order given: GPU_CHECK_STEPS="3 2"
+for s in $order; do  # in the order given: GPU_CHECK_STEPS="3 2"
   ${steps[$s]}
 done
 

@@ -116,12 +116,17 @@ class TrainState:
     cooldown_from: int = 0  # wsd out of patience at its peak: the step its decay began, and its length
     cooldown_steps: int = 0
 
+    @property
+    def at_best(self) -> bool:
+        """This step's evaluation is the best so far: the model's weights are the best weights."""
+        return self.stop.best_step == self.step
+
     def save(self, path: Path, run: Run) -> None:
         """Written at every evaluation, so it costs what it writes: the best weights are not written
         twice when they are the model's (a new best at this evaluation: usual while a run improves),
         and no fsync (a state lost with the machine costs a redone stretch; a torn one is refused)."""
         loop = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "stop"}
-        best_is_model = self.best_state is not None and self.stop.best_step == self.step
+        best_is_model = self.best_state is not None and self.at_best
         if best_is_model:
             loop["best_state"] = None
         blob = {"format": STATE_FORMAT, "config": to_dict(run.cfg), "loop": loop, "best_is_model": best_is_model,
@@ -337,7 +342,7 @@ class Loop:
         if self.state_path is not None:
             state.elapsed = self.elapsed()
             state.save(self.state_path, run)
-        elif state.best_state is not None and state.stop.best_step == state.step:
+        elif state.best_state is not None and state.at_best:
             run.save_checkpoint({"step": state.step, "slice_val_loss": state.stop.best})
 
     def evaluate(self, lr: float, tokens_per_sec: float) -> tuple[dict, bool]:
@@ -352,7 +357,7 @@ class Loop:
             fired = False
         else:
             fired = state.stop.update(state.step, val.loss)
-        if state.stop.best_step == state.step:
+        if state.at_best:
             state.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         row = {"val_loss": val.loss, "val_perplexity": val.perplexity, "val_bpc": val.bpc, "lr": lr,
                "tokens_per_sec": tokens_per_sec, "train_seconds": self.elapsed()}  # the compute axis, beside step

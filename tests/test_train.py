@@ -284,7 +284,7 @@ def test_a_run_with_a_resume_state_writes_its_checkpoint_once_and_a_plain_run_at
 
 def test_a_state_saved_at_a_new_best_holds_the_weights_once_and_always_restores_the_best(tiny_cfg, tmp_path):
     """The state written at every evaluation leaves out the best weights when they are the model's
-    (a new best at that evaluation), so it writes a fifth less; saved after the model moved past
+    (a new best at that evaluation), so it writes a quarter less; saved after the model moved past
     its best, it keeps them apart. Restored, both give back the model and the best as they were."""
     import torch
 
