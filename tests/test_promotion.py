@@ -103,10 +103,13 @@ def test_a_promoted_trial_continues_its_curve_and_its_optuna_trial(asha_study):
     steps = [s for s, _ in val]
     assert steps == sorted(set(steps)) and steps[0] == 20  # one curve: never restarted at step 0
     assert steps[-1] == top.user_attrs["steps"]
-    for rung_step, _ in history(cwd, top.user_attrs["mlflow_run_id"], "rung"):
-        before = dict(val)[rung_step]
+    rungs = [step for step, _ in history(cwd, top.user_attrs["mlflow_run_id"], "rung")]
+    assert len(rungs) == 2  # judged at both rungs below the clock
+    for rung_step in rungs:  # it went on from where it was: the next evaluation is no worse than the rung's
+        before = dict(val)[rung_step]  # (it may be much better: on a loaded machine a rung ends early in the curve)
         after = next(v for s, v in val if s > rung_step)
-        assert abs(after - before) < 0.15, (rung_step, before, after)  # it went on from where it was
+        assert after < before + 0.1, (rung_step, before, after)
+    assert val[0][1] > dict(val)[rungs[-1]] + 0.2  # a restart would be back near the first evaluation
     assert study.user_attrs["rung_seconds"] == pytest.approx([2 / 3, 2, 6])  # the plot's rung lines
     # the rung-end previews run off the clock; their seconds are kept for honest compute totals
     assert all(t.user_attrs["preview_seconds"] > 0 for t in trials if promotion.RUNG in t.system_attrs)
@@ -117,8 +120,10 @@ def test_a_promoted_trial_continues_its_curve_and_its_optuna_trial(asha_study):
 
 
 def test_a_trial_out_of_patience_before_its_rung_ends_is_complete(tmp_path):
-    # rungs of 2 and 6 s: two evaluations (40 steps) end well inside the first, even on a loaded machine
-    sweep = asha_sweep(tmp_path, "patient", 2, min_seconds=2, **{"train.patience": 1, "train.min_relative_improvement": 0.9})
+    # rungs of 6 and 18 s: two evaluations (40 steps, about 1 s) end well inside the first, even on a
+    # machine that lends the sweep one core of two (2 s rungs were passed there: a PRUNED flake)
+    sweep = asha_sweep(tmp_path, "patient", 2, min_seconds=6, **{"train.patience": 1, "train.min_relative_improvement": 0.9,
+                                                                  "train.max_minutes": 0.3})
     r = cli("sweep", str(sweep), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     trials = study_of(tmp_path, "patient").trials

@@ -105,7 +105,7 @@ def entropy(logp: torch.Tensor) -> torch.Tensor:
 def _log_weights(gate, ha, hb) -> torch.Tensor:
     """log (w_net, w_prod, w_ngram) at each character, in the last dimension (exact at 0 and 1)."""
     def logit(c):  # an infinite c0 is a constant weight: no entropy term (inf * 0 would be NaN)
-        return c[0] + c[1] * ha + c[2] * hb if torch.isfinite(c[0].detach()) else torch.full_like(ha, float(c[0]))
+        return c[0] + c[1] * ha + c[2] * hb if torch.isfinite(c[0].detach()) else torch.full_like(ha, float(c[0].detach()))
 
     z = torch.stack([logit(gate[NET]), logit(gate[PRODUCT]), torch.zeros_like(ha)], -1)
     if z[..., 0].isposinf().any():
