@@ -1,4 +1,4 @@
-"""Command line: ``python -m charlm train | sweep | best | eval | sample``. Thin: parse, call, print.
+"""Command line: ``python -m charlm train | sweep | best | eval | sample | report | dashboard``. Thin: parse, call, print.
 
 User errors (bad config, missing files, unknown characters) print one line to stderr and exit 2;
 Ctrl-C or SIGTERM ends the MLflow run as KILLED and exits 130/143.

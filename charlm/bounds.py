@@ -44,17 +44,22 @@ class Bound:
             return False
         return high is None or not (value > high or (self.high_open and value == high))
 
+    @staticmethod
+    def _shown(x: float | None) -> str | None:
+        """A whole limit in full (4294967295, not 4.29497e+09), any other short (1e-08)."""
+        return None if x is None else str(int(x)) if float(x).is_integer() else f"{x:g}"
+
     def describe(self, integer: bool, flat: dict[str, Any]) -> str:
         if self.text:
             return self.text
         noun = "an integer" if integer else "a number"
-        low, high = self.low, self.high  # a high_key is worded after the range
+        low, high = (self._shown(x) for x in (self.low, self.high))  # a high_key is worded after the range
         if low is not None and high is not None:
-            text = f"{noun} in {'(' if self.low_open else '['}{low:g}, {high:g}{')' if self.high_open else ']'}"
+            text = f"{noun} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         elif low is not None:
-            text = f"{noun} {'>' if self.low_open else '>='} {low:g}"
+            text = f"{noun} {'>' if self.low_open else '>='} {low}"
         elif high is not None:
-            text = f"{noun} {'<' if self.high_open else '<='} {high:g}"
+            text = f"{noun} {'<' if self.high_open else '<='} {high}"
         else:
             text = noun
         if self.high_key:

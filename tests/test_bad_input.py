@@ -295,7 +295,8 @@ def test_sweep_and_best_cli_refuse_before_writing(run_main, tmp_path):
     one_line(*run_main("sweep", f)[::2], "'study.direction'")
     f.write_text(yaml.safe_dump({"study": {"name": "t"}, "base": str(ROOT / "experiments" / "gpt.yaml"),
                                  "space": {"model.n_layer": {"int": [1, 2]}}}))
-    one_line(*run_main("best", f, "--seeds", "0", "-1")[::2], "Config key 'train.seed' in --seeds")
+    one_line(*run_main("best", f, "--seeds", "0", "-1")[::2],
+             "Config key 'train.seed' in --seeds must be an integer in [0, 4294967295], got -1")  # the limit in full
     nothing_written(tmp_path)
 
 
