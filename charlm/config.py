@@ -29,7 +29,7 @@ class ConfigError(CharlmError):
 class DataConfig:
     path: str = ""  # a UTF-8 text file; empty = tiny shakespeare (checkout -> mirror -> download)
     context: int = 128  # characters a model may look back on; both models share the name
-    val_fraction: float = 0.1  # contiguous slice after train; 10% matches nanoGPT's val split
+    val_fraction: float = 0.1  # contiguous slice after train (80-90%); nanoGPT's val split is our test split
     test_fraction: float = 0.1  # contiguous slice at the end, touched only by final evaluation
 
 
