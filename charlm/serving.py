@@ -84,6 +84,10 @@ def checked_params(params: dict | None) -> dict:
 class CharlmModel(mlflow.pyfunc.PythonModel):
     """Generates from, or scores with, the checkpoint logged as the artifact ``checkpoint``."""
 
+    # predict checks its input itself (see above). Without this, MLflow looks for type hints on
+    # predict to validate input against, and warns on every import that there are none.
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from charlm import checkpoint
 

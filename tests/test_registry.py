@@ -72,6 +72,13 @@ def test_champion_alias_moves_only_when_val_loss_improves(trained):
     assert str(client.get_model_version_by_alias("charlm-tiny", "champion").version) == "4"
 
 
+def test_the_served_model_is_defined_without_a_warning():
+    """`make best` and `mlflow models serve` import charlm.serving first thing; MLflow's advice to add
+    type hints to predict (this model checks its input itself) must not open their output."""
+    r = subprocess.run([sys.executable, "-W", "default", "-c", "import charlm.serving"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 def test_registered_model_generates_scores_and_refuses_bad_input(trained):
     _, ckpt, uri = trained
     with MlflowTracker("tests", "best-x") as parent:
