@@ -23,7 +23,7 @@ from charlm import checkpoint, serving
 from charlm.data import load_corpus
 from charlm.tracking import MlflowTracker
 from charlm.train import train
-from helpers import ROOT, cli, free_port, wait_for_http
+from helpers import PYTHON, ROOT, cli, free_port, wait_for_http
 
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
 
@@ -75,7 +75,7 @@ def test_champion_alias_moves_only_when_val_loss_improves(trained):
 def test_the_served_model_is_defined_without_a_warning():
     """`make best` and `mlflow models serve` import charlm.serving first thing; MLflow's advice to add
     type hints to predict (this model checks its input itself) must not open their output."""
-    r = subprocess.run([sys.executable, "-W", "default", "-c", "import charlm.serving"], capture_output=True, text=True)
+    r = subprocess.run([PYTHON, "-W", "default", "-c", "import charlm.serving"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
