@@ -9,7 +9,7 @@
 #   3. the tests marked gpu (compiled CUDA training in each compile mode, a NaN caught at the next
 #      evaluation, the memory guard of workers sharing a GPU) beside the whole fast suite, as CI
 #      runs it on CPU (train.device=auto picks the GPU there; in parallel with pytest-xdist where
-#      it is installed);
+#      it is installed, by file);
 #   4. with time left: nanoGPT's baby-GPT recipe through `charlm train` on the GPU, tested;
 #   5. only when asked (GPU_CHECK_STEPS=5, 9 minutes at worst): the whole study as a user runs it,
 #      make sweep SWEEP=sweeps/gpu.yaml WORKERS=4 && make best SWEEP=sweeps/gpu.yaml.
@@ -81,7 +81,8 @@ done
 
 tests() {
 step "3. tests marked gpu, beside the fast suite"
-parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+# by file: a module's fixture (a smoke sweep, an ASHA study) is built once, not once per worker
+parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadfile" || echo "")
 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "${OUT:-/tmp}/gpu_tests.log" 2>&1 &
 gpu_tests=$!
 timeout $(upto 10) $PY -m pytest -v -p no:cacheprovider $parallel --durations=5 > "${OUT:-/tmp}/fast_suite.log" 2>&1

@@ -1,6 +1,7 @@
-"""The CUDA branches on a real GPU: compiled training, the loss kept on the device, the memory
-guard of workers sharing a GPU. Run by bench/gpu_check.sh (``pytest -m gpu``) on a GPU machine;
-tests/test_device.py and tests/test_train.py test the same logic on CPU."""
+"""The CUDA branches on a real GPU: compiled training, the loss kept on the device, a mixture's gate
+fitted for a model on the GPU, the memory guard of workers sharing a GPU. Run by
+bench/gpu_check.sh (``pytest -m gpu``) on a GPU machine; tests/test_device.py, tests/test_train.py
+and tests/test_models.py test the same logic on CPU."""
 
 import dataclasses
 import math
@@ -59,3 +60,24 @@ def test_a_worker_over_its_share_of_gpu_memory_fails_with_the_reason():
                        env={**os.environ, "CHARLM_GPU_WORKERS": "4"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("out of GPU memory: this worker may use 22% of a GPU it shares with 3 other worker(s)")
+
+
+def test_a_mixture_trained_on_cuda_fits_its_gate_and_scores_the_same_reloaded(cuda_cfg, tmp_path):
+    """make best on gpu.yaml: the network trains on the GPU, compiled as there, the gate is fitted from
+    parts scored to the CPU into a buffer on the GPU, and the saved mixture scores on the CPU as the
+    run reported."""
+    from charlm import checkpoint
+    from charlm.data import load_corpus
+    from charlm.evaluate import full_pass
+
+    cfg = dataclasses.replace(cuda_cfg, model=dataclasses.replace(cuda_cfg.model, mix_order=4),
+                              train=dataclasses.replace(cuda_cfg.train, compile="true"))
+    tracker = NullTracker(tmp_path)
+    res = train(cfg, tracker)
+    assert tracker.params["compiled"] == "True"
+    assert 0 < res.mixture["mix_weight"] < 1
+    mix, val = checkpoint.load(res.checkpoint).model, load_corpus(cfg.data).val
+    mixed = full_pass(mix, val).loss
+    assert mixed == pytest.approx(res.best_val_loss, abs=1e-4)  # a GPU's sums, not the CPU's bit for bit
+    mix.set_weight(1.0)
+    assert full_pass(mix, val).loss > mixed  # the network alone

@@ -208,6 +208,25 @@ def _predictions(right: torch.Tensor, p_right: torch.Tensor, wrong: list[int], v
     return (p / p.sum(-1, keepdim=True)).log()
 
 
+def test_calibrate_reads_its_figures_from_the_scored_parts_not_the_gate_on_the_models_device(tmp_path, tiny_cfg):
+    """In a CUDA run the gate buffer lives on the GPU while calibrate's parts are scored to the CPU;
+    its weight must come from the fitted gate it holds on the CPU (the meta device stands in for the
+    GPU here: any figure read from the buffer there fails)."""
+    from charlm import checkpoint
+    from charlm.data import load_corpus
+    from charlm.tracking import NullTracker
+    from charlm.train import train
+
+    cfg = config.override(tiny_cfg, {"model.mix_order": 4, "train.max_steps": 60, "train.device": "cpu"},
+                          where="test")
+    model = checkpoint.load(train(cfg, NullTracker(tmp_path)).checkpoint).model
+    corpus = load_corpus(cfg.data)
+    on_cpu = model.calibrate(corpus.val)
+    model.set_weight(1.0)
+    model.gate = model.gate.to("meta")
+    assert model.calibrate(corpus.val) == on_cpu and 0 < on_cpu < 1
+
+
 def test_the_entropy_gate_beats_one_weight_where_each_model_knows_when_it_is_sure():
     """Where the network is sure it is right and the n-gram unsure, and the other way round, the
     gate learns to trust the sure one; it is never worse than the best single weight."""

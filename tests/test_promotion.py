@@ -21,7 +21,8 @@ from helpers import PYTHON, ROOT, cli
 FIXED = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.hidden": 64, "data.context": 32,
          "train.batch_size": 16, "train.max_steps": 100000, "train.max_minutes": 0.1, "train.schedule": "wsd",
          "train.validation_interval": 20, "train.warmup_steps": 10, "train.eval_chars": 2000,
-         "train.sample_chars": 0, "train.precision": "fp32", "train.patience": 0, "train.system_metrics": False}
+         "train.sample_chars": 0, "train.precision": "fp32", "train.patience": 0, "train.system_metrics": False,
+         "train.device": "cpu"}  # as sweeps/smoke.yaml: rungs of seconds judge steps, and tiny steps are the CPU's
 
 
 def asha_sweep(folder: Path, name: str, n_trials: int, min_seconds: float = 0.6, brackets: int = 1, **fixed) -> Path:

@@ -19,6 +19,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import charlm
 from charlm import checkpoint, serving
 from charlm.data import load_corpus
 from charlm.tracking import MlflowTracker
@@ -76,7 +77,10 @@ def test_the_served_model_is_defined_without_a_warning():
     """`make best` and `mlflow models serve` import charlm.serving first thing; MLflow's advice to add
     type hints to predict (this model checks its input itself) must not open their output."""
     r = subprocess.run([PYTHON, "-W", "default", "-c", "import charlm.serving"], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stderr == "", r.stderr
+    # a warning's line starts with the file that raised it; other packages' own import-time warnings
+    # (a GPU machine's numpy or requests, say) are theirs to fix, not this model's
+    ours = tuple(str(Path(package.__file__).parent) for package in (mlflow, charlm))
+    assert r.returncode == 0 and not [line for line in r.stderr.splitlines() if line.startswith(ours)], r.stderr
 
 
 def test_registered_model_generates_scores_and_refuses_bad_input(trained):

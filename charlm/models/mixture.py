@@ -69,9 +69,10 @@ class Mixture(CharModel):
         weight of the network over its characters."""
         from charlm.evaluate import per_char
 
-        a, b, y = split_parts(per_char(self, ids, _parts, **score_kw))
-        self.gate.copy_(fit_gate(a, b, y))
-        return float(_log_weights(self.gate, entropy(a), entropy(b))[..., 0].exp().mean())
+        a, b, y = split_parts(per_char(self, ids, _parts, **score_kw))  # on the CPU
+        gate = fit_gate(a, b, y)
+        self.gate.copy_(gate)  # the buffer lives on the model's device (a GPU's, in a CUDA run)
+        return float(_log_weights(gate, entropy(a), entropy(b))[..., 0].exp().mean())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         w = state_dict.pop(prefix + "weight", None)
