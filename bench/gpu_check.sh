@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared check for a GPU machine, inside GPU_CHECK_SECONDS (default 540) on one H100/H200-class GPU:
+# One prepared check on one H100/H200-class GPU, inside GPU_CHECK_SECONDS (default 470: under 8
+# minutes):
 #   1. speed, while the GPU is idle: bench/gpu_speed.py (the real trainer eager and in each compile
 #      mode against a plain compiled PyTorch reference of the same shape, FLOP/s as a share of the
 #      measured bf16 peak);
@@ -7,7 +8,8 @@
 #      workers sharing the GPU, then with 1: trials/minute of the chip shared against one at a time
 #      (eager, so that compiles, measured in step 5, do not decide it);
 #   3. the tests marked gpu (compiled CUDA training in each compile mode, a NaN caught at the next
-#      evaluation, the memory guard of workers sharing a GPU) beside the whole fast suite, as CI
+#      evaluation, a compiled mixture's gate, a resumed GPU random stream, the memory guard of
+#      workers sharing a GPU) beside the whole fast suite, as CI
 #      runs it on CPU (train.device=auto picks the GPU there; in parallel with pytest-xdist where
 #      it is installed, by file);
 #   4. with time left: nanoGPT's baby-GPT recipe through `charlm train` on the GPU, tested;
@@ -24,7 +26,7 @@ PY=$(command -v "${PY:-python3}" || echo "$PWD/${PY:-python3}")  # absolute: ste
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 LOG=${OUT:-/tmp}/gpu_check.log
 export PYTHONUNBUFFERED=1 MLFLOW_TRACKING_URI= CI=true
-BUDGET=${GPU_CHECK_SECONDS:-540}
+BUDGET=${GPU_CHECK_SECONDS:-470}
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 upto() { local s=$(( $(left) - $1 )); echo $(( s > 20 ? s : 20 )); }  # seconds for a step that leaves $1

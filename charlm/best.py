@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from charlm import checkpoint, config, paths, serving
 from charlm.config import dump_yaml
+from charlm.device import resolve_device
 from charlm.errors import CharlmError
 from charlm.models import generate
 from charlm.storage import open_study, storage_url
@@ -94,8 +95,10 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
     print(f"test loss {summary['test_loss_mean']:.4f} +- {summary['test_loss_std']:.4f} nats/char over seeds "
           f"{list(seeds)} (val {summary['val_loss_mean']:.4f}); saved seed {seed} to {out}/")
     print(registered.describe())
-    start = torch.tensor([[loaded.vocab.index.get("\n", 0)]])
-    text = generate(loaded.model, start, 300, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    device = resolve_device(cfg.train.device)  # where it trained: a GPU samples a large model in a blink
+    start = torch.tensor([[loaded.vocab.index.get("\n", 0)]], device=device)
+    text = generate(loaded.model.to(device), start, 300, temperature=0.8,
+                    generator=torch.Generator(device=device).manual_seed(0))
     print("--- sample ---\n" + loaded.vocab.decode(text[0].tolist()))
     return out
 

@@ -133,7 +133,8 @@ class TrainState:
                 "patience": dataclasses.asdict(self.stop), "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(), "batch_rng": run.batches.gen.get_state(),
                 "torch_rng": torch.get_rng_state(),  # dropout on a GPU draws from its own generators
-                "cuda_rng": torch.cuda.get_rng_state_all() if run.device == "cuda" else []}
+                # the run's own GPU: a worker sees one, a coordinator or a `best` on a many-GPU host all
+                "cuda_rng": torch.cuda.get_rng_state() if run.device == "cuda" else None}
         checkpoint.write_atomic(Path(path), lambda f: torch.save(blob, f), durable=False)
 
     @classmethod
@@ -151,8 +152,11 @@ class TrainState:
         run.optimizer.load_state_dict(blob["optimizer"])
         run.batches.gen.set_state(blob["batch_rng"])
         torch.set_rng_state(blob["torch_rng"])
-        if blob.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        cuda_rng = blob.get("cuda_rng")
+        if isinstance(cuda_rng, list):  # saved as one state per visible GPU: the run's was the first
+            cuda_rng = cuda_rng[0] if cuda_rng else None
+        if cuda_rng is not None and run.device == "cuda":
+            torch.cuda.set_rng_state(cuda_rng)
         if blob.get("best_is_model"):
             blob["loop"]["best_state"] = blob["model"]
         return cls(stop=Patience(**blob["patience"]), **blob["loop"])

@@ -81,3 +81,18 @@ def test_a_mixture_trained_on_cuda_fits_its_gate_and_scores_the_same_reloaded(cu
     assert mixed == pytest.approx(res.best_val_loss, abs=1e-4)  # a GPU's sums, not the CPU's bit for bit
     mix.set_weight(1.0)
     assert full_pass(mix, val).loss > mixed  # the network alone
+
+
+def test_a_state_saved_on_cuda_restores_the_gpus_random_stream(cuda_cfg, tmp_path):
+    """Dropout on the GPU draws from the GPU's generator: a resumed run (a promoted trial, an
+    interrupted seed) carries on its stream where the state was saved, not from the seed."""
+    from charlm.loop import TrainState
+    from charlm.train import resume, setup
+
+    run = setup(cuda_cfg, NullTracker(), None)  # seeds every generator
+    state = resume(run, None)
+    torch.rand(5, device="cuda")  # a few steps' dropout masks
+    state.save(tmp_path / "state.pt", run)
+    want = torch.rand(8, device="cuda")
+    assert TrainState.load(tmp_path / "state.pt", setup(cuda_cfg, NullTracker(), None)) is not None
+    assert torch.equal(torch.rand(8, device="cuda"), want)

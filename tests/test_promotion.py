@@ -97,20 +97,23 @@ def test_a_promoted_trial_continues_its_curve_and_its_optuna_trial(asha_study):
     cwd, study = asha_study
     trials = study.trials
     assert len(trials) == 6 and {t.state for t in trials} == {TrialState.COMPLETE, TrialState.PRUNED}
-    (top,) = [t for t in trials if t.state == TrialState.COMPLETE]  # carried to the 6 s clock
-    assert top.system_attrs[promotion.RUNG] == 1 and top.user_attrs["stop_reason"] == "max_minutes"
-    assert top.value == min(top.intermediate_values.values())  # one protocol: its best report
-    val = history(cwd, top.user_attrs["mlflow_run_id"], "val_loss")
-    steps = [s for s, _ in val]
-    assert steps == sorted(set(steps)) and steps[0] == 20  # one curve: never restarted at step 0
-    assert steps[-1] == top.user_attrs["steps"]
-    rungs = [step for step, _ in history(cwd, top.user_attrs["mlflow_run_id"], "rung")]
-    assert len(rungs) == 2  # judged at both rungs below the clock
-    for rung_step in rungs:  # it went on from where it was: the next evaluation is no worse than the rung's
-        before = dict(val)[rung_step]  # (it may be much better: on a loaded machine a rung ends early in the curve)
-        after = next(v for s, v in val if s > rung_step)
-        assert after < before + 0.1, (rung_step, before, after)
-    assert val[0][1] > dict(val)[rungs[-1]] + 0.2  # a restart would be back near the first evaluation
+    # carried to the 6 s clock: usually one; on a loaded machine the rungs' order can carry two
+    tops = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert tops
+    for top in tops:
+        assert top.system_attrs[promotion.RUNG] == 1 and top.user_attrs["stop_reason"] == "max_minutes"
+        assert top.value == min(top.intermediate_values.values())  # one protocol: its best report
+        val = history(cwd, top.user_attrs["mlflow_run_id"], "val_loss")
+        steps = [s for s, _ in val]
+        assert steps == sorted(set(steps)) and steps[0] == 20  # one curve: never restarted at step 0
+        assert steps[-1] == top.user_attrs["steps"]
+        rungs = [step for step, _ in history(cwd, top.user_attrs["mlflow_run_id"], "rung")]
+        assert len(rungs) == 2  # judged at both rungs below the clock
+        for rung_step in rungs:  # it went on from where it was: the next evaluation is no worse than the rung's
+            before = dict(val)[rung_step]  # (it may be much better: on a loaded machine a rung ends early in the curve)
+            after = next(v for s, v in val if s > rung_step)
+            assert after < before + 0.1, (rung_step, before, after)
+        assert val[0][1] > dict(val)[rungs[-1]] + 0.2  # a restart would be back near the first evaluation
     assert study.user_attrs["rung_seconds"] == pytest.approx([2 / 3, 2, 6])  # the plot's rung lines
     # the rung-end previews run off the clock; their seconds are kept for honest compute totals
     assert all(t.user_attrs["preview_seconds"] > 0 for t in trials if promotion.RUNG in t.system_attrs)
