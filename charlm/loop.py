@@ -133,7 +133,7 @@ class TrainState:
                 "patience": dataclasses.asdict(self.stop), "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(), "batch_rng": run.batches.gen.get_state(),
                 "torch_rng": torch.get_rng_state(),  # dropout on a GPU draws from its own generators
-                # the run's own GPU: a worker sees one, a coordinator or a `best` on a many-GPU host all
+                # the run's GPU alone: a worker sees one GPU, a coordinator on a many-GPU host sees all
                 "cuda_rng": torch.cuda.get_rng_state() if run.device == "cuda" else None}
         checkpoint.write_atomic(Path(path), lambda f: torch.save(blob, f), durable=False)
 

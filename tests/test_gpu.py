@@ -1,7 +1,7 @@
 """The CUDA branches on a real GPU: compiled training, the loss kept on the device, a mixture's gate
-fitted for a model on the GPU, the memory guard of workers sharing a GPU. Run by
-bench/gpu_check.sh (``pytest -m gpu``) on a GPU machine; tests/test_device.py, tests/test_train.py
-and tests/test_models.py test the same logic on CPU."""
+fitted for a model on the GPU, the GPU's random stream in a saved state, the memory guard of
+workers sharing a GPU. Run by bench/gpu_check.sh (``pytest -m gpu``) on a GPU machine;
+tests/test_device.py, tests/test_train.py and tests/test_models.py test the same logic on CPU."""
 
 import dataclasses
 import math

@@ -222,7 +222,6 @@ def test_calibrate_reads_its_figures_from_the_scored_parts_not_the_gate_on_the_m
     model = checkpoint.load(train(cfg, NullTracker(tmp_path)).checkpoint).model
     corpus = load_corpus(cfg.data)
     on_cpu = model.calibrate(corpus.val)
-    model.set_weight(1.0)
     model.gate = model.gate.to("meta")
     assert model.calibrate(corpus.val) == on_cpu and 0 < on_cpu < 1
 
