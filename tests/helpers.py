@@ -1,4 +1,5 @@
-"""What test files share: the repository's paths, the CLI as a user runs it, a free port."""
+"""What test files share: the repository's paths, the CLI as a user runs it, a free port, the
+stores a sweep run in a folder leaves there (its Optuna journal, its MLflow runs)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def journal_study(cwd: Path, name: str):
+    """The Optuna study ``name`` that a sweep run in ``cwd`` keeps in its default journal."""
+    import optuna
+
+    from charlm.storage import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(f"journal:{cwd}/mlruns/optuna/{name}.journal"))
+
+
+def mlflow_runs(cwd: Path, experiment: str):
+    """A client of the MLflow store a sweep run in ``cwd`` writes, and the runs of ``experiment``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], max_results=1000)

@@ -15,8 +15,7 @@ from optuna.trial import TrialState
 
 from charlm import promotion
 from charlm.promotion import bracket_of, bracket_shares, promotable, rung_budgets
-from charlm.storage import open_storage
-from helpers import PYTHON, ROOT, cli
+from helpers import PYTHON, ROOT, cli, journal_study
 
 FIXED = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.hidden": 64, "data.context": 32,
          "train.batch_size": 16, "train.max_steps": 100000, "train.max_minutes": 0.1, "train.schedule": "wsd",
@@ -34,10 +33,6 @@ def asha_sweep(folder: Path, name: str, n_trials: int, min_seconds: float = 0.6,
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-def study_of(cwd: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(f"journal:{cwd}/mlruns/optuna/{name}.journal"))
 
 
 def history(cwd: Path, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -90,7 +85,7 @@ def asha_study(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("asha")
     r = cli("sweep", str(asha_sweep(cwd, "asha", 6)), cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
-    return cwd, study_of(cwd, "asha")
+    return cwd, journal_study(cwd, "asha")
 
 
 def test_a_promoted_trial_continues_its_curve_and_its_optuna_trial(asha_study):
@@ -130,7 +125,7 @@ def test_a_trial_out_of_patience_before_its_rung_ends_is_complete(tmp_path):
                                                                   "train.max_minutes": 0.3})
     r = cli("sweep", str(sweep), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    trials = study_of(tmp_path, "patient").trials
+    trials = journal_study(tmp_path, "patient").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert all(t.user_attrs["stop_reason"] == "early_stop" and promotion.RUNG not in t.system_attrs for t in trials)
 
@@ -150,7 +145,7 @@ def test_a_worker_killed_during_a_promotion_loses_nothing(tmp_path):
             time.sleep(0.1)
             if not (tmp_path / "mlruns" / "optuna" / "killed.journal").exists():
                 continue
-            victim = next((t for t in study_of(tmp_path, "killed").get_trials(states=(TrialState.RUNNING,))
+            victim = next((t for t in journal_study(tmp_path, "killed").get_trials(states=(TrialState.RUNNING,))
                            if t.system_attrs.get(promotion.RUNG) == 1 and not t.system_attrs.get(promotion.PAUSED)),
                           None)
         assert victim is not None, "no trial was caught training past a rung"
@@ -162,7 +157,7 @@ def test_a_worker_killed_during_a_promotion_loses_nothing(tmp_path):
             os.killpg(first.pid, signal.SIGKILL)
     r = cli("sweep", str(sweep), cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    trials = study_of(tmp_path, "killed").trials
+    trials = journal_study(tmp_path, "killed").trials
     assert len(trials) == 6 and TrialState.FAIL not in {t.state for t in trials}  # nothing failed or re-queued
     t, k = trials[victim.number], 1  # the last rung it had finished
     assert t.state == TrialState.COMPLETE and t.user_attrs["stop_reason"] == "max_minutes"  # it went on to the top
@@ -180,7 +175,7 @@ def test_a_bracket_starts_judging_at_its_own_rung_and_the_last_runs_unjudged(tmp
     # middle one (first judged at 2 s), trials 1 and 3 to the first (see the shares above)
     r = cli("sweep", str(asha_sweep(tmp_path, "brackets", 4, brackets=3)), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    trials = study_of(tmp_path, "brackets").trials
+    trials = journal_study(tmp_path, "brackets").trials
     assert [t.system_attrs[promotion.BRACKET] for t in trials] == [2, 0, 1, 0]
     unjudged, middle = trials[0], trials[2]
     assert unjudged.state == TrialState.COMPLETE and unjudged.user_attrs["stop_reason"] == "max_minutes"
