@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Development and CI keep a copy of the corpus in ../shared/data; a user's own setting wins.
-os.environ.setdefault("CHARLM_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
+# Development and CI keep a copy of the corpus in ../shared/data; a user's own setting wins (an empty
+# one, as `export CHARLM_DATA_MIRROR=` leaves, is no setting: charlm reads it as unset too).
+if not os.environ.get("CHARLM_DATA_MIRROR"):
+    os.environ["CHARLM_DATA_MIRROR"] = str(ROOT.parent / "shared" / "data")
 MIRROR = Path(os.environ["CHARLM_DATA_MIRROR"])
 PYTHON = sys.executable
 
