@@ -18,7 +18,6 @@ from optuna.trial import TrialState
 
 from charlm import checkpoint, config, paths, serving
 from charlm.config import dump_yaml
-from charlm.device import resolve_device
 from charlm.errors import CharlmError
 from charlm.models import generate
 from charlm.storage import open_study, storage_url
@@ -95,7 +94,9 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
     print(f"test loss {summary['test_loss_mean']:.4f} +- {summary['test_loss_std']:.4f} nats/char over seeds "
           f"{list(seeds)} (val {summary['val_loss_mean']:.4f}); saved seed {seed} to {out}/")
     print(registered.describe())
-    device = resolve_device(cfg.train.device)  # where it trained: a GPU samples a large model in a blink
+    # where it trained (a GPU samples a large model in a blink), or the CPU where that GPU is absent:
+    # every seed kept from a run on another machine
+    device = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
     start = torch.tensor([[loaded.vocab.index.get("\n", 0)]], device=device)
     text = generate(loaded.model.to(device), start, 300, temperature=0.8,
                     generator=torch.Generator(device=device).manual_seed(0))

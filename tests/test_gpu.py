@@ -96,3 +96,8 @@ def test_a_state_saved_on_cuda_restores_the_gpus_random_stream(cuda_cfg, tmp_pat
     want = torch.rand(8, device="cuda")
     assert TrainState.load(tmp_path / "state.pt", setup(cuda_cfg, NullTracker(), None)) is not None
     assert torch.equal(torch.rand(8, device="cuda"), want)
+    blob = torch.load(tmp_path / "state.pt", weights_only=True)
+    blob["cuda_rng"] = [blob["cuda_rng"]]  # as states were saved before: one per visible GPU
+    torch.save(blob, tmp_path / "state.pt")
+    assert TrainState.load(tmp_path / "state.pt", setup(cuda_cfg, NullTracker(), None)) is not None
+    assert torch.equal(torch.rand(8, device="cuda"), want)
