@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from charlm import checkpoint, config, paths, serving
 from charlm.config import dump_yaml
+from charlm.device import resolve_device
 from charlm.errors import CharlmError
 from charlm.models import generate
 from charlm.storage import open_study, storage_url
@@ -96,7 +97,7 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
     print(registered.describe())
     # where it trained (a GPU samples a large model in a blink), or the CPU where that GPU is absent:
     # every seed kept from a run on another machine
-    device = "cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto" if cfg.train.device == "cuda" else cfg.train.device)
     start = torch.tensor([[loaded.vocab.index.get("\n", 0)]], device=device)
     text = generate(loaded.model.to(device), start, 300, temperature=0.8,
                     generator=torch.Generator(device=device).manual_seed(0))

@@ -1,5 +1,5 @@
-"""What test files share: the repository's paths, the CLI as a user runs it, a free port, the
-stores a sweep run in a folder leaves there (its Optuna journal, its MLflow runs)."""
+"""What test files share: the repository's paths and its smoke study, the CLI as a user runs it, a
+free port, the stores a sweep run in a folder leaves there (its Optuna journal, its MLflow runs)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ if not os.environ.get("CHARLM_DATA_MIRROR"):
     os.environ["CHARLM_DATA_MIRROR"] = str(ROOT.parent / "shared" / "data")
 MIRROR = Path(os.environ["CHARLM_DATA_MIRROR"])
 PYTHON = sys.executable
+SMOKE = ROOT / "sweeps" / "smoke.yaml"  # the study the tests sweep: under a minute on 2 cores
 
 
 def cli(*args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
@@ -54,10 +55,15 @@ def journal_study(cwd: Path, name: str):
     return optuna.load_study(study_name=name, storage=open_storage(f"journal:{cwd}/mlruns/optuna/{name}.journal"))
 
 
-def mlflow_runs(cwd: Path, experiment: str):
-    """A client of the MLflow store a sweep run in ``cwd`` writes, and the runs of ``experiment``."""
+def mlflow_client(cwd: Path):
+    """A client of the MLflow store a sweep or a run started in ``cwd`` writes (its default)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    return MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+
+
+def mlflow_runs(cwd: Path, experiment: str):
+    """A client of the MLflow store a sweep run in ``cwd`` writes, and the runs of ``experiment``."""
+    client = mlflow_client(cwd)
     exp = client.get_experiment_by_name(experiment)
     return client, client.search_runs([exp.experiment_id], max_results=1000)

@@ -10,12 +10,11 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from charlm import promotion
 from charlm.promotion import bracket_of, bracket_shares, promotable, rung_budgets
-from helpers import PYTHON, ROOT, cli, journal_study
+from helpers import PYTHON, ROOT, cli, journal_study, mlflow_client
 
 FIXED = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.hidden": 64, "data.context": 32,
          "train.batch_size": 16, "train.max_steps": 100000, "train.max_minutes": 0.1, "train.schedule": "wsd",
@@ -36,8 +35,7 @@ def asha_sweep(folder: Path, name: str, n_trials: int, min_seconds: float = 0.6,
 
 
 def history(cwd: Path, run_id: str, key: str) -> list[tuple[int, float]]:
-    client = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
-    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+    return [(m.step, m.value) for m in mlflow_client(cwd).get_metric_history(run_id, key)]
 
 
 def test_rungs_grow_by_the_factor_up_to_the_clock_and_the_best_fraction_goes_on():
@@ -184,8 +182,7 @@ def test_a_bracket_starts_judging_at_its_own_rung_and_the_last_runs_unjudged(tmp
     assert promotion.rung_key(0) not in middle.system_attrs and promotion.rung_key(1) in middle.system_attrs
     val = history(tmp_path, middle.user_attrs["mlflow_run_id"], "val_loss")
     assert val[0][0] == 20 and len(val) > 1  # one curve from its first evaluation: trained straight to 2 s
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    assert client.get_run(middle.user_attrs["mlflow_run_id"]).data.tags["bracket"] == "1"
+    assert mlflow_client(tmp_path).get_run(middle.user_attrs["mlflow_run_id"]).data.tags["bracket"] == "1"
 
 
 def test_wsd_holds_the_peak_whatever_the_length_then_decays_over_its_last_fraction():

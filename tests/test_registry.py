@@ -24,9 +24,7 @@ from charlm import checkpoint, serving
 from charlm.data import load_corpus
 from charlm.tracking import MlflowTracker
 from charlm.train import train
-from helpers import PYTHON, ROOT, cli, free_port, wait_for_http
-
-SMOKE = ROOT / "sweeps" / "smoke.yaml"
+from helpers import PYTHON, ROOT, SMOKE, cli, free_port, wait_for_http
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from charlm import config
 from charlm.data import load_corpus
 from charlm.tracking import MlflowTracker
-from helpers import PYTHON, ROOT
+from helpers import PYTHON, ROOT, SMOKE
 
 pytestmark = pytest.mark.pg
 REPETITIONS = 5  # two hosts racing for the last trials of a study, this many studies in a row
@@ -112,7 +112,7 @@ def _healthy(url: str) -> bool:
 
 
 def _sweep_file(folder: Path, name: str, n_trials: int, max_steps: int, **study) -> Path:
-    doc = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    doc = yaml.safe_load(SMOKE.read_text())
     doc["study"] = {"name": name, "n_trials": n_trials, **study}
     doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
     doc["fixed"].update({"train.max_steps": max_steps, "train.validation_interval": 10, "train.eval_chars": 500,

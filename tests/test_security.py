@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import torch
 
-from helpers import PYTHON, ROOT, free_port
+from helpers import PYTHON, ROOT, SMOKE, free_port
 
 SOURCES = [p for d in ("charlm", "bench", "docs", "tests") for p in (ROOT / d).rglob("*.py")]
 
@@ -83,7 +83,7 @@ def test_a_password_in_a_sweep_file_or_on_the_command_line_is_refused(tmp_path):
 
     from charlm.sweepfile import SweepError, load_sweep
 
-    doc = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    doc = yaml.safe_load(SMOKE.read_text())
     doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
     doc["study"]["storage"] = "postgresql://alice:s3cret@db/optuna"
     f = tmp_path / "s.yaml"
@@ -91,7 +91,7 @@ def test_a_password_in_a_sweep_file_or_on_the_command_line_is_refused(tmp_path):
     with pytest.raises(SweepError, match="holds a password") as e:
         load_sweep(f)
     assert "s3cret" not in str(e.value)
-    r = subprocess.run([PYTHON, "-m", "charlm", "sweep", str(ROOT / "sweeps" / "smoke.yaml"), "--storage",
+    r = subprocess.run([PYTHON, "-m", "charlm", "sweep", str(SMOKE), "--storage",
                         "postgresql://alice:s3cret@db/optuna"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "--storage holds a password" in r.stderr and "s3cret" not in r.stderr + r.stdout
 

@@ -20,10 +20,7 @@ from charlm.storage import open_storage
 from charlm.sweepfile import SweepError, load_sweep
 from charlm.tracking import NullTracker
 from charlm.train import train
-from helpers import PYTHON, ROOT, cli, free_port, journal_study, mlflow_runs
-
-SMOKE = ROOT / "sweeps" / "smoke.yaml"
-
+from helpers import PYTHON, ROOT, SMOKE, cli, free_port, journal_study, mlflow_runs
 
 # ----------------------------------------------------------------------------- validation
 

@@ -15,9 +15,7 @@ from optuna.trial import TrialState
 
 from charlm.report import counted
 from charlm.storage import open_storage
-from helpers import PYTHON, ROOT, cli, journal_study, mlflow_runs
-
-SMOKE = ROOT / "sweeps" / "smoke.yaml"
+from helpers import PYTHON, ROOT, SMOKE, cli, journal_study, mlflow_runs
 
 
 @pytest.mark.slow  # a whole sweep killed and resumed (~30 s); one worker of two killed stays in make test

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PYTHON, ROOT, free_port, wait_for_http
+from helpers import PYTHON, ROOT, SMOKE, free_port, wait_for_http
 
 CHROMIUM = "/usr/bin/chromium"
 # headless as root, and quiet: this machine's closed network refuses Chromium's background calls
@@ -37,7 +37,7 @@ def ui(tmp_path_factory):
     """A smoke sweep, its best model (seed 0) registered, and `make ui` over their store."""
     assert Path(CHROMIUM).is_file(), "install Debian's chromium package (.ci/run does)"
     cwd = tmp_path_factory.mktemp("ui")
-    sweep = ROOT / "sweeps" / "smoke.yaml"
+    sweep = SMOKE
     r = subprocess.run([PYTHON, "-m", "charlm", "sweep", str(sweep), "--workers", "2"],
                        cwd=cwd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -15,9 +15,7 @@ from charlm import workers
 from charlm.space import suggest
 from charlm.storage import Session, open_storage, open_study
 from charlm.sweepfile import load_sweep
-from helpers import ROOT
-
-SMOKE = ROOT / "sweeps" / "smoke.yaml"
+from helpers import ROOT, SMOKE
 
 
 def _spec(tmp_path, sampler: str = "random", timeout: float = 60.0):
