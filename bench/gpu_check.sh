@@ -122,10 +122,15 @@ step "5. make sweep SWEEP=sweeps/gpu.yaml WORKERS=4 && make best SWEEP=sweeps/gp
 venv=$(dirname "$(dirname "$PY")")  # the python in use, through the Makefile; its install step skipped
 make=(make -s SWEEP=sweeps/gpu.yaml WORKERS=4 VENV="$venv" PY="$PY" -o "$venv/.installed")
 log=${OUT:-/tmp}/gpu_study.log
+if command -v make > /dev/null; then sweep=("${make[@]}" sweep); best=("${make[@]}" best)
+else  # an image without make: the two commands its targets run
+  note "no make on this machine: the Makefile's commands run as they stand in it"
+  sweep=("$PY" -m charlm sweep sweeps/gpu.yaml --workers 4); best=("$PY" -m charlm best sweeps/gpu.yaml)
+fi
 start=$(date +%s)
-timeout $(upto 240) "${make[@]}" sweep > "$log" 2>&1 || fail=1
+timeout $(upto 240) "${sweep[@]}" > "$log" 2>&1 || fail=1
 swept=$(( $(date +%s) - start ))
-timeout $(upto 5) "${make[@]}" best >> "$log" 2>&1 || fail=1
+timeout $(upto 5) "${best[@]}" >> "$log" 2>&1 || fail=1
 grep -E "^best|^  seed|^test loss" "$log" | tail -6 | tee -a "$LOG"
 note "gpu study: sweep ${swept} s + best $(( $(date +%s) - start - swept )) s; $(grep -E '^test loss' "$log" | tail -1)"
 note "$(grep -E '^  seed' "$log" | tr -s ' ' | paste -sd ';')"
