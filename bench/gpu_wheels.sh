@@ -15,6 +15,8 @@ have=${1:-}
 dir=${2:-.whl}
 [ -n "$have" ] && [ -r "$have" ] || {
   echo "gpu_wheels: cannot read '$have': pass a file with the GPU machine's python3 -m pip list --format=freeze" >&2; exit 2; }
+compgen -G "$dir/*.whl" > /dev/null && {  # an older set beside a new one: two versions of a package stop the install
+  echo "gpu_wheels: $dir already holds wheels; remove them or name an empty folder" >&2; exit 2; }
 py=${PY:-python3}
 target=(--python-version "${GPU_PYTHON:-3.12}" --implementation cp --only-binary=:all:)
 for n in 17 27 28 31 34; do target+=(--platform "manylinux_2_${n}_x86_64"); done
