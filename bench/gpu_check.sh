@@ -119,10 +119,11 @@ fi
 
 study() {
 step "5. make sweep SWEEP=sweeps/gpu.yaml WORKERS=4 && make best SWEEP=sweeps/gpu.yaml"
-venv=$(dirname "$(dirname "$PY")")  # the python in use, through the Makefile; its install step skipped
-make=(make -s SWEEP=sweeps/gpu.yaml WORKERS=4 VENV="$venv" PY="$PY" -o "$venv/.installed")
 log=${OUT:-/tmp}/gpu_study.log
-if command -v make > /dev/null; then sweep=("${make[@]}" sweep); best=("${make[@]}" best)
+if command -v make > /dev/null; then
+  venv=$(dirname "$(dirname "$PY")")  # the python in use, through the Makefile; its install step skipped
+  make=(make -s SWEEP=sweeps/gpu.yaml WORKERS=4 VENV="$venv" PY="$PY" -o "$venv/.installed")
+  sweep=("${make[@]}" sweep); best=("${make[@]}" best)
 else  # an image without make: the two commands its targets run
   note "no make on this machine: the Makefile's commands run as they stand in it"
   sweep=("$PY" -m charlm sweep sweeps/gpu.yaml --workers 4); best=("$PY" -m charlm best sweeps/gpu.yaml)

@@ -37,12 +37,11 @@ def ui(tmp_path_factory):
     """A smoke sweep, its best model (seed 0) registered, and `make ui` over their store."""
     assert Path(CHROMIUM).is_file(), "install Debian's chromium package (.ci/run does)"
     cwd = tmp_path_factory.mktemp("ui")
-    sweep = SMOKE
-    r = subprocess.run([PYTHON, "-m", "charlm", "sweep", str(sweep), "--workers", "2"],
+    r = subprocess.run([PYTHON, "-m", "charlm", "sweep", str(SMOKE), "--workers", "2"],
                        cwd=cwd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     printed = re.search(r"MLflow runs \(make ui\): (\S+)", r.stdout).group(1)
-    best = subprocess.run([PYTHON, "-m", "charlm", "best", str(sweep), "--seeds", "0"],
+    best = subprocess.run([PYTHON, "-m", "charlm", "best", str(SMOKE), "--seeds", "0"],
                           cwd=cwd, capture_output=True, text=True, timeout=600)
     assert best.returncode == 0, best.stderr[-2000:]
     port = free_port()
