@@ -19,6 +19,8 @@ ARTIFACTS ?= mlruns/server/artifacts
 ALLOWED_HOSTS ?=  # Host headers the server answers besides localhost and private IPs, e.g. mlflow.lab:5000
 HOST   ?= 127.0.0.1
 TEXT   ?=
+BUDGET ?= 45m
+SEED   ?=
 # `make serve`: a registered model (alias or version) from the store charlm writes; MODEL stays a checkpoint path
 SERVE_MODEL ?= models:/charlm-default@champion
 # The development/CI copy of tiny shakespeare sits in ../shared/data; a user's own setting wins.
@@ -27,6 +29,7 @@ export CHARLM_DATA_MIRROR ?= $(abspath ../shared/data)
 SET_ARGS := $(foreach s,$(SET),--set $(s))
 STORAGE ?=  # an Optuna storage URL for sweep/best/report/dashboard, e.g. postgresql://charlm@dbhost/optuna
 STORAGE_ARG := $(if $(STORAGE),--storage $(STORAGE))
+TEXT_ARG := $(if $(TEXT),--text '$(TEXT)')
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +42,10 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install pinned requirements (done on first use by every target)
+
+all: $(STAMP) ## the whole search to one deadline: sweep, then best: make all BUDGET=45m [TEXT=my.txt] [SEED=1]
+	$(PY) -m charlm sweep $(SWEEP) --budget $(BUDGET) --workers $(WORKERS) $(TEXT_ARG) $(if $(SEED),--seed $(SEED)) $(STORAGE_ARG)
+	$(PY) -m charlm best $(SWEEP) --budget $(BUDGET) $(TEXT_ARG) $(STORAGE_ARG)
 
 sweep: $(STAMP) ## run or resume an Optuna study: make sweep SWEEP=sweeps/smoke.yaml WORKERS=2 [STORAGE=url]
 	$(PY) -m charlm sweep $(SWEEP) --workers $(WORKERS) $(STORAGE_ARG)
@@ -67,8 +74,11 @@ test-slow: $(STAMP) ## the long tests (full trainings, process kills, the UI in 
 test-pg: $(STAMP) ## scale-out test: a throwaway PostgreSQL, an MLflow server, two workers, one killed
 	$(PY) -m pytest -q -s -m pg
 
-bench-search: $(STAMP) ## asha vs fixed-budget patience vs Hyperband, same space and wall clock (MINUTES=12 each)
-	$(PY) bench/search.py --minutes $(or $(MINUTES),12)
+bench-search: $(STAMP) ## asha vs fixed-budget patience vs Hyperband, same space and wall clock (MINUTES=12 each, SEEDS="0 1")
+	$(PY) bench/search.py --minutes $(or $(MINUTES),12) --seeds $(or $(SEEDS),0 1)
+
+bench-seeds: $(STAMP) ## `make all` for sampler seeds 0 1 2 in fresh folders, and the base retrained alike: the search gain (BUDGET=45m)
+	$(PY) bench/seeds.py --budget $(BUDGET) --seeds $(or $(SEEDS),0 1 2) $(TEXT_ARG)
 
 gpu-check: $(STAMP) ## on a GPU machine: tests marked gpu, the fast suite, GPU speed, 1 vs 4 workers (bench/gpu_check.sh)
 	PY=$(PY) bash bench/gpu_check.sh
@@ -101,4 +111,4 @@ clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)
 	rm -rf .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install lint sweep best train sample eval test test-slow test-pg gpu-check bench bench-search report dashboard ui server serve clean
+.PHONY: help install all bench-seeds lint sweep best train sample eval test test-slow test-pg gpu-check bench bench-search report dashboard ui server serve clean

@@ -1,6 +1,6 @@
 """Head-to-head of three search schemes on the same space and the same wall-clock budget.
 
-    python bench/search.py [--minutes 12] [--workers 2] [--sweep sweeps/default.yaml]
+    python bench/search.py [--minutes 12] [--workers 2] [--sweep sweeps/default.yaml] [--seeds 0 1]
 
 Each scheme runs `python -m charlm sweep` in a fresh folder for ``--minutes`` (study.timeout_min;
 trials under way then finish), with the sweep file's space, base and fixed settings (its schedule
@@ -14,10 +14,12 @@ does; only the pruner and the trial clock differ:
 (c) hyperband: Optuna's HyperbandPruner on the same compute axis, every trial minutes / 3, its
     max_resource the clock (what a trial can really reach).
 
-It prints one Markdown table: best val found (the study's value: the val slice), that trial's
-test loss (a full pass), trials started, compute used (training seconds of every trial, asha's
-rung-end previews included), and the
-compute saved against running every started trial to the top budget.
+It prints one Markdown table per sampler seed (``--seeds``: each scheme draws its trials from that
+seed): best val found (the study's value: the val slice), that trial's test loss (a full pass),
+trials started, compute used (training seconds of every trial, asha's rung-end previews
+included), the compute saved against running every started trial to the top budget, and the
+compute used until a trial first reached the best val Hyperband found with the same seed (trials
+in the order they finished; "-": never). Then the medians over the seeds.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from charlm.storage import open_storage  # noqa: E402
 
 
-def scheme_docs(base_doc: dict, minutes: float) -> dict[str, tuple[dict, float]]:
+def scheme_docs(base_doc: dict, minutes: float, seed: int = 0) -> dict[str, tuple[dict, float]]:
     """Sweep documents of the three schemes, each with the top training budget in seconds."""
     top = minutes / 3
     schemes = {
@@ -53,6 +55,8 @@ def scheme_docs(base_doc: dict, minutes: float) -> dict[str, tuple[dict, float]]
     for name, (pruner, clock) in schemes.items():
         doc = copy.deepcopy(base_doc)
         doc["study"] = {**doc["study"], "name": f"search-{name}", "n_trials": 1000, "timeout_min": minutes}
+        doc["study"].pop("budget", None)  # the schemes share a hand-made clock, not a plan
+        doc["sampler"] = {**doc.get("sampler", {}), "seed": seed}
         doc["pruner"] = pruner
         doc["fixed"] = {**doc.get("fixed", {}), "train.max_minutes": clock}
         doc["base"] = str((ROOT / doc["base"]).resolve()) if not Path(doc["base"]).is_absolute() else doc["base"]
@@ -78,32 +82,63 @@ def run_scheme(name: str, doc: dict, top_seconds: float, workers: int, folder: P
         errors = sorted({t.user_attrs.get("error", "") for t in trials} - {""})
         raise SystemExit(f"{name}: no trial completed in {wall / 60:.1f} min; {errors[:1] or 'give it more --minutes'}")
     best = study.best_trial
+    done = sorted((t for t in trials if t.datetime_complete is not None), key=lambda t: t.datetime_complete)
+    curve, spent = [], 0.0  # (compute used when this trial finished, its value)
+    for t in done:
+        spent += float(t.user_attrs.get("train_seconds", 0.0)) + float(t.user_attrs.get("preview_seconds", 0.0))
+        if t.value is not None:
+            curve.append((spent, t.value))
     return {"scheme": name, "best_val": best.value, "test": best.user_attrs.get("test_loss", float("nan")),
             "best_trial": f"{best.number} ({best.params.get('model.kind')})", "started": len(trials),
-            "used_min": used / 60, "saved": 1 - used / (len(trials) * top_seconds), "wall_min": wall / 60}
+            "used_min": used / 60, "saved": 1 - used / (len(trials) * top_seconds), "wall_min": wall / 60,
+            "curve": curve}
+
+
+def reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Minutes of compute until a trial first reached ``target``, or None."""
+    return next((spent / 60 for spent, value in curve if value <= target + 1e-12), None)
 
 
 def main() -> None:
+    import statistics
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=12.0, help="wall-clock budget of each scheme (default 12)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes per scheme (default 2)")
     ap.add_argument("--sweep", default=str(ROOT / "sweeps" / "default.yaml"), help="the space and base to search")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampler seeds, each a run of every scheme")
     args = ap.parse_args()
     base_doc = yaml.safe_load(Path(args.sweep).read_text())
-    rows = []
+    by_seed: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="charlm-search-") as tmp:
-        for name, (doc, top) in scheme_docs(base_doc, args.minutes).items():
-            folder = Path(tmp) / name
-            folder.mkdir()
-            rows.append(run_scheme(name, doc, top, args.workers, folder))
-            print(f"{name}: done in {rows[-1]['wall_min']:.1f} min", file=sys.stderr, flush=True)
-    print(f"\n{args.minutes:g} minutes per scheme, {args.workers} workers, space of {Path(args.sweep).name}\n")
-    print("| scheme | best val (slice) | its test loss | best trial | trials started | compute used (min) "
-          "| compute saved vs all to the top | wall (min) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['scheme']} | {r['best_val']:.4f} | {r['test']:.4f} | {r['best_trial']} | {r['started']} "
-              f"| {r['used_min']:.1f} | {r['saved']:.0%} | {r['wall_min']:.1f} |")
+        for seed in args.seeds:
+            rows = by_seed[seed] = []
+            for name, (doc, top) in scheme_docs(base_doc, args.minutes, seed).items():
+                folder = Path(tmp) / f"seed-{seed}" / name
+                folder.mkdir(parents=True)
+                rows.append(run_scheme(name, doc, top, args.workers, folder))
+                print(f"seed {seed} {name}: done in {rows[-1]['wall_min']:.1f} min", file=sys.stderr, flush=True)
+            target = next(r["best_val"] for r in rows if r["scheme"] == "hyperband")
+            for r in rows:
+                r["reach_min"] = reach(r.pop("curve"), target)
+    print(f"\n{args.minutes:g} minutes per scheme, {args.workers} workers, space of {Path(args.sweep).name}, "
+          f"sampler seeds {args.seeds}\n")
+    print("| seed | scheme | best val (slice) | its test loss | best trial | trials started | compute used (min) "
+          "| compute saved vs all to the top | compute to Hyperband's best val (min) | wall (min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for seed, rows in by_seed.items():
+        for r in rows:
+            got = "-" if r["reach_min"] is None else f"{r['reach_min']:.1f}"
+            print(f"| {seed} | {r['scheme']} | {r['best_val']:.4f} | {r['test']:.4f} | {r['best_trial']} | {r['started']} "
+                  f"| {r['used_min']:.1f} | {r['saved']:.0%} | {got} | {r['wall_min']:.1f} |")
+    print("\n| scheme | median best val | median its test | median compute to Hyperband's best val (min) |")
+    print("|---|---|---|---|")
+    for name in [r["scheme"] for r in next(iter(by_seed.values()))]:
+        mine = [r for rows in by_seed.values() for r in rows if r["scheme"] == name]
+        reached = [r["reach_min"] if r["reach_min"] is not None else float("inf") for r in mine]
+        med = statistics.median(reached)
+        print(f"| {name} | {statistics.median(r['best_val'] for r in mine):.4f} | "
+              f"{statistics.median(r['test'] for r in mine):.4f} | {'not reached' if med == float('inf') else f'{med:.1f}'} |")
 
 
 if __name__ == "__main__":

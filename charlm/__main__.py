@@ -10,6 +10,7 @@ import argparse
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 from charlm import interrupts
@@ -143,40 +144,53 @@ def _check_sample_args(args) -> None:
                           f"got {args.top_k}")
 
 
-def cmd_sweep(args) -> int:
+STARTED = time.time()  # the moment the command began: a --budget counts from here
+
+
+def _load(args, **extra):
     from charlm.sweepfile import load_sweep
 
-    spec = load_sweep(args.sweep, n_trials=args.n_trials, storage=args.storage)
+    return load_sweep(args.sweep, storage=args.storage, budget=getattr(args, "budget", None),
+                      text=getattr(args, "text", None), **extra)
+
+
+def cmd_sweep(args) -> int:
+    if args.workers < 1:
+        raise CharlmError(f"--workers must be >= 1, got {args.workers}")
+    spec = _load(args, n_trials=args.n_trials, seed=args.seed)
     from charlm import sweep
 
     if args.dry_run:
         print(sweep.dry_run(spec))
         return 0
-    if args.workers < 1:
-        raise CharlmError(f"--workers must be >= 1, got {args.workers}")
-    return sweep.run(spec, workers=args.workers, worker_index=args.worker_index)
+    return sweep.run(spec, workers=args.workers, worker_index=args.worker_index, started_at=STARTED,
+                     warm_start=args.warm_start)
 
 
 def cmd_best(args) -> int:
     from charlm import config
-    from charlm.sweepfile import load_sweep
 
-    spec = load_sweep(args.sweep, storage=args.storage)
+    spec = _load(args)
     for seed in args.seeds or ():  # before the study is opened or a run created
         config.override(spec.base_config(), {"train.seed": seed}, where="--seeds")
+    if args.minutes is not None and not 0 < args.minutes < 10_000:
+        raise CharlmError(f"--minutes must be a number of minutes > 0, got {args.minutes}")
     from charlm.best import run_best
+    from charlm.plan import parse_duration
 
-    run_best(spec, tuple(args.seeds) if args.seeds else None)
+    budget = parse_duration(args.budget) if args.budget else None
+    run_best(spec, tuple(args.seeds) if args.seeds else None, budget_s=budget, started_at=STARTED,
+             trial_number=args.trial, minutes=args.minutes)
     return 0
 
 
 def _study(args):
-    from charlm.storage import open_study, storage_url
-    from charlm.sweepfile import load_sweep
+    from charlm.storage import open_planned, storage_url
 
-    spec = load_sweep(args.sweep, storage=args.storage)
+    spec = _load(args)
     url = storage_url(spec)
-    return spec, open_study(spec, url), url
+    spec, study = open_planned(spec, url)
+    return spec, study, url
 
 
 def cmd_report(args) -> int:
@@ -214,6 +228,13 @@ def _command(sub, name: str, func, help: str, *examples: str) -> argparse.Argume
 def _study_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("sweep", nargs="?", default="sweeps/default.yaml", help="sweep YAML (default sweeps/default.yaml)")
     c.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (overrides study.storage)")
+    c.add_argument("--text", default=None, metavar="FILE",
+                   help="model this UTF-8 text instead of the base experiment's (its own study, split and model)")
+
+
+def _budget_arg(c: argparse.ArgumentParser, what: str) -> None:
+    c.add_argument("--budget", default=None, metavar="DURATION",
+                   help=f"wall-clock budget of sweep + best, e.g. 45m, 3h, 1h30m: {what} (overrides study.budget)")
 
 
 def _model_args(c: argparse.ArgumentParser, skip: str) -> None:
@@ -230,12 +251,21 @@ def _study_commands(sub) -> None:
     _study_args(w)
     w.add_argument("--workers", type=int, default=1, help="parallel worker processes on this machine (default 1)")
     w.add_argument("--n-trials", type=int, default=None, help="total trials for the study (overrides study.n_trials)")
-    w.add_argument("--dry-run", action="store_true", help="print the resolved space and sampled configs; train nothing")
+    w.add_argument("--dry-run", action="store_true",
+                   help="print the resolved space, the plan (measured here) and the queued trials; train nothing")
+    _budget_arg(w, "plans the study and the retrain to it and keeps the study's deadline")
+    w.add_argument("--seed", type=int, default=None, help="sampler seed (overrides sampler.seed)")
+    w.add_argument("--warm-start", default=None, metavar="STUDY",
+                   help="queue the best trials of an earlier study in the same storage first")
     w.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     b = _command(sub, "best", cmd_best, "retrain the study's best trial with the full budget over seeds, test it, save it",
                  "python -m charlm best sweeps/default.yaml --seeds 0 1")
     _study_args(b)
     b.add_argument("--seeds", type=int, nargs="+", default=None, help="override best.seeds")
+    _budget_arg(b, "each seed's clock is what the deadline leaves (the sweep's, after `sweep --budget`)")
+    b.add_argument("--trial", type=int, default=None, metavar="N",
+                   help="retrain trial N instead of the winner (saved to mlruns/best/<study>-trial-N/, not registered)")
+    b.add_argument("--minutes", type=float, default=None, help="each seed's training clock, in minutes")
     r = _command(sub, "report", cmd_report, "write a Markdown report of a study (mlruns/reports/<study>/) and log it",
                  "python -m charlm report sweeps/smoke.yaml")
     _study_args(r)

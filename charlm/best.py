@@ -10,18 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from optuna.trial import TrialState
 
-from charlm import checkpoint, config, paths, serving
+from charlm import checkpoint, config, paths, promotion, serving
 from charlm.config import dump_yaml
 from charlm.device import resolve_device
 from charlm.errors import CharlmError
 from charlm.models import generate
-from charlm.storage import open_study, storage_url
+from charlm.objective import ENQUEUED
+from charlm.storage import open_planned, storage_url
 from charlm.sweepfile import SweepSpec
 from charlm.tracking import MlflowTracker
 from charlm.train import train
@@ -33,16 +35,37 @@ def _write_atomic(path: Path, text: str) -> None:
     checkpoint.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def best_config(spec: SweepSpec, study) -> tuple[config.Config, object]:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+def winner(study):
+    """The trial to retrain: the lowest value among the COMPLETE trials and the ASHA trials paused
+    for good (PRUNED with a rung value: a decayed preview, on the same val slice). A value at a
+    shorter budget is pessimistic, so a paused trial that still beats the finished ones is the
+    better configuration, and the deadline, not its quality, stopped it."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    ranked = [t for t in trials if t.value is not None and (t.state == TrialState.COMPLETE or any(
+        k.startswith(promotion.rung_key(0)[:-1]) for k in t.system_attrs))]
+    return min(ranked, key=lambda t: (t.value, t.number)) if ranked else None
+
+
+def best_config(spec: SweepSpec, study, number: int | None = None,
+                clock_s: float | None = None) -> tuple[config.Config, object]:
+    """The retrain's config: the winner's (or trial ``number``'s), its budget stretched by
+    ``best.budget_multiplier``, or set to ``clock_s`` seconds by a plan, then ``best.set``."""
+    if number is not None:
+        trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number and t.params), None)
+        if trial is None:
+            raise CharlmError(f"Study '{spec.study.name}' has no trial {number} with parameters; "
+                              f"`python -m charlm report {spec.path}` lists its trials")
+    else:
+        trial = winner(study)
+    if trial is None:
         raise CharlmError(f"No completed trial in study '{spec.study.name}' yet; run "
                           f"`make sweep SWEEP={spec.path}` first")
-    trial = study.best_trial
     cfg = spec.replay(trial)
     # A longer budget stretches the learning-rate schedule; evaluations are spaced in proportion,
     # so the trial's stopping rule (patience, margin) spans the same share of the run.
     m = spec.best.budget_multiplier
+    if clock_s is not None and cfg.train.max_minutes > 0:
+        m = clock_s / (cfg.train.max_minutes * 60)
     cfg = config.override(cfg, {"train.max_steps": max(1, int(round(cfg.train.max_steps * m))),
                                 "train.max_minutes": cfg.train.max_minutes * m,
                                 "train.validation_interval": max(1, int(round(cfg.train.validation_interval * m)))},
@@ -51,26 +74,70 @@ def best_config(spec: SweepSpec, study) -> tuple[config.Config, object]:
     return replace(cfg, name=f"best-{spec.study.name}"), trial
 
 
-def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
+class Clock:
+    """Each retrain seed's clock: the plan's, or under ``--budget`` what the deadline leaves once
+    the seeds still to train, their test passes and the registry are reserved (measured again
+    before each seed, so a late start shortens the seeds left, never the deadline)."""
+
+    def __init__(self, spec: SweepSpec, budget_s: float | None, started_at: float, minutes: float | None = None):
+        plan, self.fixed = spec.plan, None
+        self.per_seed = plan.reserve.get("per retrain seed", 30.0) if plan else 30.0
+        if minutes is not None:
+            self.fixed, self.ends_at = minutes * 60, None
+        elif budget_s is None:
+            self.fixed, self.ends_at = (plan.retrain_s if plan else None), None
+        elif plan is not None and abs(plan.budget_s - budget_s) < 1 and plan.ends_at > started_at:
+            self.ends_at = plan.ends_at  # `make all`: the sweep's deadline carries on
+        else:
+            self.ends_at = started_at + budget_s
+        self.budget_s = budget_s or 0.0
+        hand = "best.budget_multiplier" in spec.hand and plan is not None
+        self.cap = plan.top_s * spec.best.budget_multiplier if hand else None
+
+    def seconds(self, seeds_left: int) -> float | None:
+        if self.ends_at is None:
+            return self.fixed
+        from charlm.plan import CLOSE_S, MARGIN
+
+        left = self.ends_at - time.time() - CLOSE_S - MARGIN * self.budget_s - seeds_left * self.per_seed
+        clock = left / max(1, seeds_left)
+        if clock < 5:
+            raise CharlmError(f"The budget leaves {max(0.0, left):.0f} s for {seeds_left} retrain seed(s); give "
+                              "`best --budget` more time, or fewer --seeds")
+        return min(clock, self.cap) if self.cap else clock
+
+
+def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None, budget_s: float | None = None,
+             started_at: float | None = None, trial_number: int | None = None, minutes: float | None = None) -> Path:
+    """Retrain the study's winner (or ``trial_number``: saved beside, not registered) over seeds."""
     url = storage_url(spec)
-    study = open_study(spec, url)
-    cfg, trial = best_config(spec, study)
+    spec, study = open_planned(spec, url)
+    clock = Clock(spec, budget_s, time.time() if started_at is None else started_at, minutes)
     seeds = tuple(seeds or spec.best.seeds)
-    out = paths.BEST_ROOT / spec.study.name
+    cfg, trial = best_config(spec, study, trial_number, clock.seconds(len(seeds)))
+    own = trial_number is not None
+    out = paths.BEST_ROOT / (f"{spec.study.name}-trial-{trial.number}" if own else spec.study.name)
+
+
     out.mkdir(parents=True, exist_ok=True)
-    print(f"best trial {trial.number} of study '{spec.study.name}' ({paths.redact(url)}): val {trial.value:.4f}; "
-          f"retraining {cfg.train.max_steps} steps x seeds {list(seeds)}")
+    print(f"{'trial' if own else 'best trial'} {trial.number} of study '{spec.study.name}' ({paths.redact(url)}): "
+          f"val {trial.value:.4f}{' (' + trial.user_attrs[ENQUEUED] + ')' if ENQUEUED in trial.user_attrs else ''}; "
+          f"retraining {budget_words(cfg)} x seeds {list(seeds)}")
     tags = {"best": "true", "optuna.study_name": spec.study.name, "optuna.best_trial": str(trial.number),
             "charlm.study_run": study.user_attrs.get("mlflow_parent_run_id", "")}
     rows = []
-    note = (f"Best trial {trial.number} of Optuna study '{spec.study.name}' (val {trial.value:.4f}) retrained "
-            f"for {cfg.train.max_steps} steps over seeds {list(seeds)}; the seed with the lowest val loss is saved "
-            f"and registered as charlm-{spec.study.name}.")
+    if ENQUEUED in trial.user_attrs:
+        tags[ENQUEUED] = trial.user_attrs[ENQUEUED]
+    note = (f"{'Trial' if own else 'Best trial'} {trial.number} of Optuna study '{spec.study.name}' (val "
+            f"{trial.value:.4f}) retrained for {budget_words(cfg)} over seeds {list(seeds)}; the seed with the lowest "
+            "val loss is saved" + ("." if own else f" and registered as charlm-{spec.study.name}."))
     with MlflowTracker(spec.study.name, f"best-trial-{trial.number}", tags={**tags, NOTE: note}) as parent:
         parent.log_params({**config.flatten(cfg), "seeds": list(seeds), "best_trial": trial.number,
                            "budget_multiplier": spec.best.budget_multiplier})
         best_loaded = None
-        for seed in seeds:
+        for i, seed in enumerate(seeds):
+            if i:  # the deadline is measured again: a late first seed shortens the next, not the budget
+                cfg, _ = best_config(spec, study, trial.number, clock.seconds(len(seeds) - i))
             row, loaded = _seed(spec, cfg, seed, out, parent.run_id, tags)
             rows.append(row)
             if loaded and (best_loaded is None or row["val_loss"] < best_loaded[0]):
@@ -90,11 +157,12 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
         saved = next(r for r in rows if r["seed"] == seed)
         figures = {"trial": trial.number, "seed": seed, "seeds": list(seeds), "test_loss": saved["test_loss"],
                    **{k: v for k, v in summary.items() if k.startswith("test_loss_")}}
-        registered = serving.log_and_register(parent.run_id, out / checkpoint.FILENAME, spec.study.name,
-                                              saved["val_loss"], figures, parent.uri)
+        registered = None if own else serving.log_and_register(parent.run_id, out / checkpoint.FILENAME,
+                                                               spec.study.name, saved["val_loss"], figures, parent.uri)
     print(f"test loss {summary['test_loss_mean']:.4f} +- {summary['test_loss_std']:.4f} nats/char over seeds "
           f"{list(seeds)} (val {summary['val_loss_mean']:.4f}); saved seed {seed} to {out}/")
-    print(registered.describe())
+    if registered is not None:
+        print(registered.describe())
     # where it trained (a GPU samples a large model in a blink), or the CPU where that GPU is absent:
     # every seed kept from a run on another machine
     device = resolve_device("auto" if cfg.train.device == "cuda" else cfg.train.device)
@@ -103,6 +171,13 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None) -> Path:
                     generator=torch.Generator(device=device).manual_seed(0))
     print("--- sample ---\n" + loaded.vocab.decode(text[0].tolist()))
     return out
+
+
+def budget_words(cfg: config.Config) -> str:
+    """What a retrain's budget is in fact: its clock when it has one that binds, else its steps."""
+    t = cfg.train
+    return f"{t.max_minutes:.2f} minutes" if t.max_minutes > 0 and t.max_steps >= 100_000 else (
+        f"{t.max_steps} steps" + (f" or {t.max_minutes:.2f} minutes" if t.max_minutes > 0 else ""))
 
 
 def _seed(spec: SweepSpec, cfg: config.Config, seed: int, out: Path, parent_run_id: str, tags: dict):
@@ -126,6 +201,7 @@ def _seed(spec: SweepSpec, cfg: config.Config, seed: int, out: Path, parent_run_
         loaded = checkpoint.load(res.checkpoint) if res.checkpoint else None
     row = {"seed": seed, "val_loss": res.best_val_loss, "test_loss": res.test_loss,
            "steps": res.steps, "stop": res.stop_reason, "seconds": round(res.train_seconds, 1),
+           "clock_minutes": round(cfg.train.max_minutes, 3),
            "run_id": res.run_id, **res.mixture}
     mix = (f", network alone {res.mixture['network_test_loss']:.4f}, mixed with a "
            f"{cfg.model.mix_order}-gram at mean w={res.mixture['mix_weight']:.3f}") if res.mixture else ""
@@ -143,6 +219,7 @@ def _summary(spec: SweepSpec, trial, seeds: tuple[int, ...], saved_seed: int, ro
     tests, vals = [r["test_loss"] for r in rows], [r["val_loss"] for r in rows]
     summary = {
         "study": spec.study.name, "trial": trial.number, "trial_val_loss": trial.value,
+        "enqueued": trial.user_attrs.get(ENQUEUED, ""), "params": trial.params,
         "seeds": list(seeds), "saved_seed": saved_seed,
         "test_loss_mean": statistics.fmean(tests), "test_loss_std": statistics.pstdev(tests),
         "val_loss_mean": statistics.fmean(vals), "val_loss_std": statistics.pstdev(vals),

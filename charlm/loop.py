@@ -42,6 +42,7 @@ class StopReason(StrEnum):
     FITTED = "fitted"  # a count model: nothing to optimise
     PRUNED = "pruned"  # on_eval said so (the sweep's pruner)
     RUNG_END = "rung_end"  # the sweep's rung budget (``until``) is spent: promote or pause (charlm/promotion.py)
+    DEADLINE = "deadline"  # the study's deadline (``stop_at``) passed: stopped at once, its best value kept
     INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
     ERROR = "error"  # an exception (set by the sweep on the trial's run)
 
@@ -196,9 +197,11 @@ class LossMeter:
 class Loop:
     """The optimisation loop over one :class:`Run`, changing only its :class:`TrainState`."""
 
-    def __init__(self, run: Run, state: TrainState, on_eval, state_path: Path | None, until: float | None = None):
+    def __init__(self, run: Run, state: TrainState, on_eval, state_path: Path | None, until: float | None = None,
+                 stop_at: float | None = None):
         self.run, self.state, self.on_eval, self.state_path = run, state, on_eval, state_path
         self.until = until  # training seconds at which this rung ends (a sweep's promotion), or None
+        self.stop_at = stop_at  # epoch seconds: the study's deadline; the step past it evaluates and stops
         self.t0 = time.perf_counter() - state.elapsed  # the clock budget and the schedule carry on
         self.losses = LossMeter(sync=run.device != "cuda")
         self.compile_seconds: float | None = None  # the first compiled step's, which compiles it
@@ -233,11 +236,14 @@ class Loop:
                 out_of_time = t.max_minutes > 0 and now >= t.max_minutes * 60
                 rung_end = self.until is not None and now >= self.until and not self.cooling()
                 cooled = self.cooling() and state.step >= state.cooldown_from + state.cooldown_steps
+                late = self.stop_at is not None and time.time() >= self.stop_at
                 if (state.step % t.validation_interval == 0 or state.step == t.max_steps or out_of_time or rung_end
-                        or cooled):
+                        or cooled or late):
                     reason = self.after_evaluation(lr, bar, out_of_time)
                     if reason is not None:
                         return reason
+                    if late:
+                        return StopReason.DEADLINE
                     if cooled:
                         return StopReason.EARLY_STOP
                     if rung_end and not self.cooling():

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from charlm import config, promotion
 from charlm.data import Corpus, load_corpus
 from charlm.device import explain
+from charlm.plan import first_bracket
 from charlm.promotion import rung_budgets
 from charlm.search import compute_step
 from charlm.space import suggest
@@ -23,6 +24,7 @@ from charlm.storage import Session, artifact_store
 from charlm.tracking import MlflowTracker, ui_runs_url
 from charlm.train import EvalEvent, RunResult, StopReason, train
 
+ENQUEUED = "charlm.enqueued"  # user attribute and MLflow tag: where a queued trial's configuration came from
 PREVIEW = "preview_seconds"  # user attr: the rung-end previews' seconds, compute spent off the trial's clock
 MAX_RETRIES = 2  # a trial whose worker died is re-queued at most this many times
 _CORPUS: dict[tuple, Corpus] = {}
@@ -42,6 +44,8 @@ def trial_state(result: RunResult) -> TrialState:
     (its run keeps ``stop_reason=diverged``); one that diverged before any good evaluation: FAIL."""
     if result.stop_reason is StopReason.PRUNED:
         return TrialState.PRUNED
+    if result.stop_reason is StopReason.DEADLINE:  # stopped by the study's deadline: its val-slice best stands
+        return TrialState.COMPLETE if math.isfinite(result.slice_val_loss) else TrialState.FAIL
     if not math.isfinite(result.best_val_loss):
         return TrialState.FAIL
     return TrialState.COMPLETE
@@ -68,14 +72,28 @@ class Reporter:
         return StopReason.PRUNED if self.trial.should_prune() else None
 
 
+def bracket_for(session: Session, trial: optuna.Trial, cfg: config.Config) -> int | None:
+    """A new ASHA trial's bracket: its number's (charlm/promotion.py ``bracket_of``), moved later
+    where the plan's measured speed gives it too few steps in that bracket's first rung, earlier
+    where the deadline leaves no time for it (charlm/plan.py ``first_bracket``); None: none fits
+    (a queued trial, the base experiment's above all, then runs in the last bracket all the same)."""
+    p = session.spec.pruner
+    budgets = rung_budgets(p.min_seconds, p.reduction_factor, cfg.train.max_minutes * 60)
+    drawn = promotion.bracket_of(trial.number, promotion.bracket_shares(budgets, p.reduction_factor, p.brackets))
+    first = first_bracket(cfg, drawn, budgets, session.spec.plan, session.deadline)
+    if first is None and ENQUEUED in trial.user_attrs:  # the user's own default is never skipped: unjudged to the clock
+        return p.brackets - 1
+    return first
+
+
 def climb(session: Session, trial: optuna.Trial, cfg: config.Config, tracker: MlflowTracker,
-          before: optuna.trial.FrozenTrial | None) -> tuple[RunResult, Reporter] | None:
+          before: optuna.trial.FrozenTrial | None, first: int = 0) -> tuple[RunResult, Reporter] | None:
     """ASHA (charlm/promotion.py): train rung after rung while the trial ranks in the top fraction
-    of its rung; None when it pauses, its state kept with its MLflow run for whoever promotes it."""
+    of its rung; None when it pauses, its state kept with its MLflow run for whoever promotes it.
+    ``first``: a new trial's bracket (:func:`bracket_for`)."""
     p, storage = session.spec.pruner, session.study._storage
     budgets = rung_budgets(p.min_seconds, p.reduction_factor, cfg.train.max_minutes * 60)
     if before is None:  # a new trial: its bracket's first rung is the first it is judged at
-        first = promotion.bracket_of(trial.number, promotion.bracket_shares(budgets, p.reduction_factor, p.brackets))
         storage.set_trial_system_attr(trial._trial_id, promotion.BRACKET, first)
         tracker.set_tags({"bracket": first})
         k = first
@@ -87,7 +105,7 @@ def climb(session: Session, trial: optuna.Trial, cfg: config.Config, tracker: Ml
     while True:
         top = k == len(budgets) - 1
         result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), state_path=state_path, progress=False,
-                       until=None if top else budgets[k], continued=k > first)
+                       until=None if top else budgets[k], continued=k > first, stop_at=session.deadline)
         if result.stop_reason is not StopReason.RUNG_END:
             return result, on_eval  # the top rung's end, its own patience, divergence
         mine = storage.get_trial(trial._trial_id).system_attrs
@@ -117,6 +135,11 @@ def run_trial(session: Session, trial: optuna.Trial, before: optuna.trial.Frozen
     tracker = None
     try:
         cfg = spec.trial_config(suggest(trial, spec), trial.number)
+        first = 0
+        if before is None and spec.pruner.type == "asha":
+            first = bracket_for(session, trial, cfg)
+            if first is None:
+                return skip(study, trial, cfg)
         if before is not None:
             tracker = MlflowTracker(spec.study.name, run_id=before.user_attrs["mlflow_run_id"])
         else:
@@ -125,13 +148,13 @@ def run_trial(session: Session, trial: optuna.Trial, before: optuna.trial.Frozen
             tracker = new_run(session, trial, cfg)
         with tracker:
             if spec.pruner.type == "asha":
-                climbed = climb(session, trial, cfg, tracker, before)
+                climbed = climb(session, trial, cfg, tracker, before, first)
                 if climbed is None:
                     return None
                 result, on_eval = climbed
             else:
                 on_eval = Reporter(trial)
-                result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), progress=False)
+                result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), progress=False, stop_at=session.deadline)
             show_in_dashboard(trial, tracker, result, spec.study.name)
             state = _close_run(tracker, result)
         return _tell(study, trial, result, state, on_eval.best)
@@ -162,6 +185,17 @@ def run_trial(session: Session, trial: optuna.Trial, before: optuna.trial.Frozen
         return TrialState.FAIL
 
 
+def skip(study: optuna.Study, trial: optuna.Trial, cfg: config.Config) -> TrialState:
+    """A configuration no bracket fits, at this budget on this machine: PRUNED untrained, the reason
+    kept on the trial, so the sampler learns to leave its region and no time is spent on it."""
+    why = (f"skipped untrained: a {cfg.model.kind} this slow gets too few steps in any rung that fits "
+           "the plan and the deadline (charlm/plan.py)")
+    trial.set_user_attr("skipped", why)
+    study.tell(trial, state=TrialState.PRUNED)
+    print(f"trial {trial.number}: {why}", file=sys.stderr)
+    return TrialState.PRUNED
+
+
 def new_run(session: Session, trial: optuna.Trial, cfg: config.Config) -> MlflowTracker:
     """The trial's MLflow run: a child of the study's run, its id kept on the trial."""
     spec = session.spec
@@ -174,6 +208,8 @@ def new_run(session: Session, trial: optuna.Trial, cfg: config.Config) -> Mlflow
     tracker.log_metrics({"trial_number": trial.number}, step=0)  # a metric, so the UI can chart by it
     if "retry_of" in trial.user_attrs:
         tracker.set_tags({"optuna.retry_of": trial.user_attrs["retry_of"]})
+    if ENQUEUED in trial.user_attrs:  # the base experiment, the sweep file's list, or a warm start
+        tracker.set_tags({ENQUEUED: trial.user_attrs[ENQUEUED]})
     return tracker
 
 
@@ -235,8 +271,7 @@ def requeue(study: optuna.Study, t) -> None:
 def log_baseline(session: Session) -> None:
     """Train the sweep's baseline experiment once, as a run beside the trials (not a trial)."""
     spec = session.spec
-    cfg = config.load(spec.baseline)
-    cfg = config.override(cfg, {"experiment": spec.study.name}, where=spec.baseline)
+    cfg = spec.baseline_config()
     tags = {"charlm.role": "baseline", "charlm.study_run": session.parent_run_id, "optuna.study_name": spec.study.name,
             "mlflow.note.content": f"Baseline of Optuna study '{spec.study.name}': {Path(spec.baseline).name} "
             f"({cfg.model.kind}) trained once, seed {cfg.train.seed}, as the floor the trials should beat; not a trial."}

@@ -91,12 +91,14 @@ def is_paused(t: FrozenTrial) -> bool:
     return t.state == TrialState.RUNNING and bool(t.system_attrs.get(PAUSED))
 
 
-def next_promotion(study: optuna.Study, reduction_factor: int, closing: bool = False) -> FrozenTrial | None:
+def next_promotion(study: optuna.Study, reduction_factor: int, closing: bool = False,
+                   fits=lambda rung: True) -> FrozenTrial | None:
     """The paused trial to continue now (highest rung first, then best value), claimed for the
     caller; call under the study's lock so no two workers claim the same trial. ``closing``: no
-    new trial will start and none is training, so the rungs are final (see :func:`promotable`)."""
+    new trial will start and none is training, so the rungs are final (see :func:`promotable`).
+    ``fits(k)``: whether the rung after rung k can still end before the study's deadline."""
     trials = study.get_trials(deepcopy=False)
-    waiting = [t for t in trials if is_paused(t)
+    waiting = [t for t in trials if is_paused(t) and fits(t.system_attrs[RUNG])
                and promotable(trials, t.system_attrs[RUNG], t.number, reduction_factor, closing)]
     if not waiting:
         return None

@@ -38,6 +38,7 @@ class Session:
     worker: int = 0
     beats: dict = field(default_factory=dict)  # trial id -> (heartbeat seen, this process's monotonic time)
     experiment_id: str = ""  # the MLflow experiment, where the coordinator knows it
+    deadline: float | None = None  # epoch seconds: no trial starts a rung it cannot end before it; in flight, it stops
 
 
 def storage_url(spec: SweepSpec) -> str:
@@ -142,6 +143,23 @@ def study_lock(spec: SweepSpec, url: str):
     with conn, conn.begin():  # a transaction-level lock: it ends with the transaction or the connection
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         yield
+
+
+def open_planned(spec: SweepSpec, storage_url: str) -> tuple[SweepSpec, optuna.Study]:
+    """The study, with the plan it keeps applied to ``spec`` (charlm/plan.py) and to its sampler."""
+    from charlm.plan import for_study
+
+    study = open_study(spec, storage_url)
+    planned = for_study(spec, study)
+    if planned.plan is not None:
+        retune(study, planned)
+    return planned, study
+
+
+def retune(study: optuna.Study, spec: SweepSpec) -> None:
+    """The study's sampler and pruner as ``spec`` (a planned one) sets them."""
+    study.sampler = make_sampler(spec)
+    study.pruner = make_pruner(spec, spec.base_config().train.max_minutes)
 
 
 def open_study(spec: SweepSpec, storage_url: str, create: bool = False) -> optuna.Study:

@@ -33,6 +33,8 @@ class StudySpec:
     timeout_min: float = 0.0  # stop starting trials after this many minutes of one call; 0 = none
     storage: str = ""  # any Optuna storage URL; empty = journal file mlruns/optuna/<name>.journal
     heartbeat_timeout_s: float = 60.0  # a running trial whose heartbeat stops this long is failed and re-queued
+    budget: str = ""  # a wall-clock budget for sweep + best (45m, 3h): planned by charlm/plan.py; "" = no plan
+    enqueue_base: bool = True  # the base experiment's own values are the study's first trial
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,23 @@ class SweepSpec:
     space: tuple[Param, ...] = ()
     best: BestSpec = field(default_factory=BestSpec)
     baseline: str = ""  # an experiment logged once beside the trials (e.g. the n-gram floor)
+    enqueue: tuple[dict, ...] = ()  # configurations (space keys -> values) tried before any draw
+    hand: frozenset = frozenset()  # the planned keys this file sets by hand (charlm/plan.py): they win
+    plan: Any = None  # the study's Plan (charlm/plan.py) once made or read from the study
+    text: str = ""  # --text: the user's own text for base, baseline, trials and retrain alike
+
+    def _with_text(self, cfg: config.Config, where: str) -> config.Config:
+        return config.override(cfg, {"data.path": self.text}, where=where) if self.text else cfg
 
     def base_config(self) -> config.Config:
         cfg = config.load(self.base) if self.base else config.Config()
+        cfg = self._with_text(cfg, "--text")
         cfg = config.override(cfg, self.fixed, where=f"{self.path} (fixed)")
         return dataclasses.replace(cfg, experiment=self.study.name)
+
+    def baseline_config(self) -> config.Config:
+        cfg = self._with_text(config.load(self.baseline), "--text")
+        return config.override(cfg, {"experiment": self.study.name}, where=self.baseline)
 
     def trial_config(self, values: dict[str, Any], number: int) -> config.Config:
         cfg = config.override(self.base_config(), values, where=f"{self.path} (trial {number})")
@@ -92,7 +106,9 @@ class SweepSpec:
 
 
 _SECTIONS = {"study": StudySpec, "sampler": SamplerSpec, "pruner": PrunerSpec, "best": BestSpec}
-_TOP = ("study", "sampler", "pruner", "base", "fixed", "space", "best", "baseline")
+_TOP = ("study", "sampler", "pruner", "base", "fixed", "space", "best", "baseline", "enqueue")
+PLANNED = ("study.n_trials", "study.timeout_min", "sampler.n_startup_trials", "pruner.min_seconds",
+           "pruner.brackets", "best.seeds", "best.budget_multiplier")  # and fixed train.max_minutes
 _CHOICES = {"study.direction": ("minimize", "maximize"), "study.metric": ("val_loss",),
             "sampler.type": SAMPLERS, "pruner.type": PRUNERS, "pruner.reference": REFERENCES}
 
@@ -113,7 +129,10 @@ def _section(path: str, name: str, raw: Any, cls, required: tuple[str, ...] = ()
     for k, v in raw.items():
         typ = fields[k].type
         key = f"{name}.{k}"
-        if typ in ("int",):
+        if typ == "bool":
+            if not isinstance(v, bool):
+                raise fail(path, key, "true or false", v)
+        elif typ in ("int",):
             if not is_int(v):
                 raise fail(path, key, "an integer", v)
         elif typ in ("float",):
@@ -141,7 +160,9 @@ def _section(path: str, name: str, raw: Any, cls, required: tuple[str, ...] = ()
     return cls(**out)
 
 
-def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | None = None) -> SweepSpec:
+def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | None = None,
+               budget: str | None = None, text: str | None = None, seed: int | None = None) -> SweepSpec:
+    """``budget``, ``text``, ``seed``: the CLI's --budget, --text and --seed, over the file's values."""
     path = str(path)
     try:
         doc = config.read_yaml(path)
@@ -155,7 +176,18 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
         if k not in _TOP:
             raise unknown(path, str(k), list(_TOP))
     study = _study(path, doc, n_trials, storage)
+    if budget is not None:
+        study = dataclasses.replace(study, budget=budget)
+    if study.budget:
+        from charlm.plan import parse_duration
+
+        parse_duration(study.budget, "--budget" if budget is not None else f"study.budget in {path}")
+    text_path = _text_path(text) if text else ""
+    if text_path:  # one study per text: its own test split, its own MLflow experiment and registered model
+        study = dataclasses.replace(study, name=f"{study.name}-{_slug(Path(text_path).stem)}")
     sampler = _section(path, "sampler", doc.get("sampler"), SamplerSpec)
+    if seed is not None:
+        sampler = dataclasses.replace(sampler, seed=seed)
     pruner = _section(path, "pruner", doc.get("pruner"), PrunerSpec)
     if not 0 <= pruner.percentile <= 100:
         raise fail(path, "pruner.percentile", "a number in [0, 100]", pruner.percentile)
@@ -181,12 +213,52 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
     space = parse_space(path, doc.get("space"), fixed)
     if sampler.type == "grid":
         _grid_ready(path, space)
+    hand = {f"{name}.{k}" for name in _SECTIONS for k in (doc.get(name) or {})} & set(PLANNED)
+    hand |= {"train.max_minutes"} & set(fixed)
+    if n_trials is not None:
+        hand.add("study.n_trials")
     spec = SweepSpec(path=path, study=study, sampler=sampler, pruner=pruner, base=base,
-                     fixed=dict(fixed), space=space, best=best, baseline=baseline)
+                     fixed=dict(fixed), space=space, best=best, baseline=baseline,
+                     hand=frozenset(hand), text=text_path)
+    spec = dataclasses.replace(spec, enqueue=_enqueue(spec, doc.get("enqueue")))
     _split_stays(spec)
-    _rungs_fit(spec)
+    if not study.budget:  # planned: the plan sets the clock and the rungs (charlm/plan.py)
+        _rungs_fit(spec)
     check_corners(spec)
     return spec
+
+
+def _text_path(text: str) -> str:
+    from charlm.data import DataError
+
+    p = Path(text)
+    if not p.is_file():
+        raise DataError(f"Text file not found: {text} (--text / TEXT= names the UTF-8 text to model)")
+    return str(p.resolve())
+
+
+def _slug(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "text"
+
+
+def _enqueue(spec: SweepSpec, raw: Any) -> tuple[dict, ...]:
+    """``enqueue:`` a list of configurations, each a mapping of space keys to values, tried first."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
+        raise fail(spec.path, "enqueue", "a list of mappings of space keys to values", raw)
+    keys = {p.key for p in spec.space}
+    out = []
+    for i, values in enumerate(raw):
+        for k in values:
+            if k not in keys:
+                raise unknown(spec.path, f"enqueue[{i}].{k}", sorted(keys))
+        try:
+            config.override(spec.base_config(), values, where=f"{spec.path} (enqueue[{i}])")
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
+        out.append(dict(values))
+    return tuple(out)
 
 
 def _rungs_fit(spec: SweepSpec) -> None:
@@ -221,6 +293,8 @@ def _split_stays(spec: SweepSpec) -> None:
         data = (config.load(spec.base) if spec.base else config.Config()).data
     except ConfigError as e:
         raise SweepError(str(e)) from None
+    if spec.text:  # --text moves every split alike: base, baseline, trials and retrain read one text
+        data = dataclasses.replace(data, path=spec.text)
     for p in spec.space:
         if p.key in SPLIT_KEYS:
             raise SweepError(f"'{p.key}' in {path} (space) would move the test split between trials; the base "
@@ -234,7 +308,7 @@ def _split_stays(spec: SweepSpec) -> None:
             if key in values and values[key] != base_value:
                 raise SweepError(f"'{key}' in {path} ({where}) would move the test split ({key}: "
                                  f"{base_value!r} in the base experiment); change it there, or remove it here")
-    if spec.baseline:
+    if spec.baseline and not spec.text:
         other = config.load(spec.baseline).data
         for key in SPLIT_KEYS:
             name = key.split(".")[1]

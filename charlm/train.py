@@ -113,14 +113,15 @@ def resume(run: Run, state_path: Path | None, continued: bool = False) -> TrainS
 
 def train(cfg: Config, tracker: Tracker, on_eval: Callable[[EvalEvent], StopReason | None] | None = None,
           corpus: Corpus | None = None, state_path: Path | None = None, progress: bool = True,
-          until: float | None = None, continued: bool = False) -> RunResult:
+          until: float | None = None, continued: bool = False, stop_at: float | None = None) -> RunResult:
     """``until``: stop at that many training seconds, keeping the state at ``state_path`` (a
-    sweep's rung); ``continued``: carry on from that state in the same run (a promoted trial)."""
+    sweep's rung); ``continued``: carry on from that state in the same run (a promoted trial);
+    ``stop_at``: the study's deadline (epoch seconds), where the run evaluates once and stops."""
     run = setup(cfg, tracker, corpus)
     if not continued:
         log_params(run)
     state = resume(run, state_path, continued)
-    loop = Loop(run, state, on_eval, state_path, until)
+    loop = Loop(run, state, on_eval, state_path, until, stop_at)
     try:
         reason = loop.until_stop(progress)
     except (KeyboardInterrupt, SystemExit):
@@ -177,8 +178,9 @@ def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float
     te = time.perf_counter()
     kept = state.best_state is not None  # None: diverged before the first evaluation, nothing to keep
     nothing = EvalResult(loss=math.nan, chars=0)
-    # pruned, or paused at a rung: the full passes would score weights nobody may use
-    tested = kept and reason not in (StopReason.PRUNED, StopReason.RUNG_END)
+    # pruned, or paused at a rung: the full passes would score weights nobody may use; stopped by
+    # the study's deadline: its value is its val-slice best, and the full passes would overrun it
+    tested = kept and reason not in (StopReason.PRUNED, StopReason.RUNG_END, StopReason.DEADLINE)
     val, test, mixed = final_evaluation(run, state) if tested else (nothing, nothing, {})
     final_eval_seconds = time.perf_counter() - te if tested else 0.0
     stop = state.stop

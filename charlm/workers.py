@@ -187,28 +187,54 @@ def _next_trial(session: Session, target: int, deadline: float | None) -> Job | 
     """Under the study's lock: a paused trial to promote, else a new (or queued) trial; True to wait
     for other workers' running trials; False when the study is done or the deadline has passed."""
     study, asha = session.study, session.spec.pruner.type == "asha"
+    fits = room_for(session, deadline)
     with study_lock(session.spec, session.storage_url):
         fail_dead_trials(session)
         late = bool(deadline) and time.time() >= deadline
         if not late and asha:
-            paused = next_promotion(study, session.spec.pruner.reduction_factor)
+            paused = next_promotion(study, session.spec.pruner.reduction_factor, fits=fits)
             if paused is not None:
                 return optuna.Trial(study, paused._trial_id), paused
         trials = study.get_trials(deepcopy=False)
-        # queued trials (re-runs of dead workers' trials) are part of the total: run them
-        if not late and (counted(trials) < target or any(t.state == TrialState.WAITING for t in trials)):
+        # queued trials (re-runs of dead workers' trials) are part of the total: run them; nothing
+        # new starts that could not reach its first judgement before the deadline
+        if not late and fits(-1) and (counted(trials) < target or any(t.state == TrialState.WAITING for t in trials)):
             return study.ask(), None
         if any(t.state == TrialState.RUNNING and not is_paused(t) for t in trials):
             return not late
         # the rungs are final: carry the best on to the top rung (past the deadline too, until
         # one trial has reached it: a study must end with a model to retrain)
-        if asha and (not late or not any(t.state == TrialState.COMPLETE for t in trials)):
-            paused = next_promotion(study, session.spec.pruner.reduction_factor, closing=True)
+        finished = any(t.state == TrialState.COMPLETE for t in trials)
+        if asha and (not late or not finished):
+            paused = next_promotion(study, session.spec.pruner.reduction_factor, closing=True,
+                                    fits=fits if finished else lambda k: True)
             if paused is not None:
                 return optuna.Trial(study, paused._trial_id), paused
         if asha:
             _close_paused(session)
         return False
+
+
+def room_for(session: Session, deadline: float | None):
+    """``fits(k)``: whether a rung after rung ``k`` (-1: a new trial's shortest first stretch) can
+    end before the study's deadline, its rung-end preview and the trial's own costs included."""
+    from charlm.plan import PER_TRIAL_S, PREVIEW_SHARE
+    from charlm.promotion import rung_budgets
+
+    spec = session.spec
+    if deadline is None or spec.plan is None:
+        return lambda k: True
+    top = spec.base_config().train.max_minutes * 60
+    p = spec.pruner
+    rungs = rung_budgets(p.min_seconds, p.reduction_factor, top) if p.type == "asha" else [top]
+
+    def fits(k: int) -> bool:
+        if k + 1 >= len(rungs):
+            return False
+        length = rungs[k + 1] - (rungs[k] if k >= 0 else 0.0)
+        return time.time() + length * (1 + PREVIEW_SHARE) + PER_TRIAL_S <= deadline
+
+    return fits
 
 
 def worker_loop(session: Session, deadline: float | None, shown: SweepProgress | None = None) -> None:
@@ -249,10 +275,12 @@ def threads_for(workers: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
 
 
-def spawn(path: str, n_trials: int, workers: int, storage_url: str, shown: SweepProgress | None = None) -> None:
-    """Start ``workers`` child processes on this sweep and wait for them, forwarding SIGTERM."""
+def spawn(path: str, n_trials: int, workers: int, storage_url: str, shown: SweepProgress | None = None,
+          extra: tuple[str, ...] = ()) -> None:
+    """Start ``workers`` child processes on this sweep and wait for them, forwarding SIGTERM.
+    ``extra``: the coordinator's --budget, --text and --seed, so each child opens the same study."""
     args = [sys.executable, "-m", "charlm", "sweep", path, "--n-trials", str(n_trials),
-            "--storage", storage_url, "--workers", str(workers)]
+            "--storage", storage_url, "--workers", str(workers), *extra]
     gpus = visible_gpus()  # shared round-robin; each worker capped at its share of its GPU's memory
     procs = [subprocess.Popen(args + ["--worker-index", str(i)], env={**os.environ, **worker_env(i, workers, gpus)})
              for i in range(workers)]

@@ -116,7 +116,9 @@ def test_sweep_cli_error_is_one_line(tmp_path):
 def test_dry_run_samples_without_training(tmp_path):
     r = cli("sweep", str(SMOKE), "--dry-run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "model.kind" in r.stdout and r.stdout.count("sample ") == 3
+    # the study's own first trials: the base experiment queued, then the sampler's draws
+    assert "model.kind" in r.stdout and "trial 0 (base): model.kind=gpt" in r.stdout
+    assert r.stdout.count("(drawn): ") == 2
     assert not (tmp_path / "mlruns").exists()
 
 

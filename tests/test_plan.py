@@ -1,0 +1,172 @@
+"""The budget plan (charlm/plan.py): what it fits, what it leaves to the sweep file, and the
+deadline it keeps (a trial in flight stops at its next evaluation with its value kept). Also the
+study's first trials: the base experiment and the sweep file's list, queued and tagged."""
+
+import math
+import time
+
+import pytest
+import yaml
+
+from charlm import plan
+from charlm.errors import CharlmError
+from charlm.promotion import rung_budgets
+from charlm.sweepfile import load_sweep
+from helpers import ROOT, SMOKE, cli, journal_study, mlflow_runs
+
+DEFAULT = ROOT / "sweeps" / "default.yaml"
+
+
+def speed(slowdown: float) -> plan.Speed:
+    """This project's 2-core reference machine as the probe measured it (sweeps/default.yaml at
+    e432314's successor), or a machine ``slowdown`` times slower in every step and pass."""
+    probes = (plan.Probe("gpt", 84.2e9, 0.246), plan.Probe("gpt", 271.6e9, 0.852), plan.Probe("gpt", 2.67e9, 0.014),
+              plan.Probe("ff", 312.6e9, 0.470), plan.Probe("ff", 1.71e9, 0.006))
+    return plan.Speed(tuple(plan.Probe(p.kind, p.flops_per_step, p.step_seconds * slowdown) for p in probes),
+                      eval_chars_per_s=36_000 / slowdown, ngram_chars_per_s=400_000 / slowdown,
+                      train_chars=892_315, retrain_chars=992_700, test_chars=111_540, val_chars=111_539,
+                      vocab_size=65, measured_s=9.0 * slowdown)
+
+
+def spent(p: plan.Plan) -> float:
+    """Every second the plan lays out, from start to the registry: it must end inside the budget."""
+    per_seed = p.reserve["per retrain seed"]
+    return p.study_s + len(p.seeds) * (p.retrain_s + per_seed) + p.reserve["close"] + plan.START_S / 2
+
+
+@pytest.mark.parametrize("budget", ["12m", "45m", "3h"])
+@pytest.mark.parametrize("slowdown", [1.0, 5.0])
+def test_plan_fits_the_budget_and_every_rung_fits_its_clock(budget, slowdown):
+    spec = load_sweep(DEFAULT, budget=budget)
+    b = plan.parse_duration(budget)
+    p = plan.make_plan(spec, b, speed(slowdown), started_at=0.0)
+    assert not p.warnings and not p.hand
+    assert spent(p) <= b and p.study_s - p.reserve["before_study"] > p.top_s  # room for more than one trial
+    # the rungs end at the clock, each reduction_factor times the one before, the first long enough
+    # for the base experiment's useful steps on this machine (or the clock alone)
+    assert p.rungs[-1] == pytest.approx(p.top_s) and list(p.rungs) == pytest.approx(
+        rung_budgets(p.rungs[0] * 0.999, 3, p.top_s))
+    base = spec.base_config()
+    step = speed(slowdown).step_seconds("gpt", plan.flops_per_step(base, 65))
+    assert len(p.rungs) == 1 or p.rungs[0] / step >= p.useful_steps
+    assert p.brackets == len(p.rungs) and p.retrain_s == p.top_s
+    assert p.seeds == ((0, 1) if b >= 30 * 60 else (0,))
+    applied = plan.apply(spec, p)
+    assert applied.base_config().train.max_minutes * 60 == pytest.approx(p.top_s)
+    assert rung_budgets(applied.pruner.min_seconds, 3, p.top_s) == pytest.approx(list(p.rungs))
+
+
+def test_a_longer_budget_buys_a_longer_clock_and_a_slower_machine_fewer_rungs():
+    spec = load_sweep(DEFAULT)
+    clocks = [plan.make_plan(spec, plan.parse_duration(b), speed(1.0)).top_s for b in ("12m", "45m", "90m", "3h")]
+    assert clocks == sorted(clocks) and len(set(clocks)) == 4
+    fast = plan.make_plan(spec, 12 * 60, speed(1.0))
+    slow = plan.make_plan(spec, 12 * 60, speed(5.0))
+    assert len(slow.rungs) < len(fast.rungs) or slow.rungs[0] > fast.rungs[0]
+
+
+def test_a_hand_set_value_wins_and_the_plan_says_so(tmp_path):
+    doc = yaml.safe_load(DEFAULT.read_text())
+    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    doc["baseline"] = str(ROOT / "experiments" / "ngram.yaml")
+    doc["fixed"]["train.max_minutes"] = 2.0
+    doc["best"]["seeds"] = [0, 1, 2]
+    path = tmp_path / "hand.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    spec = load_sweep(path, budget="45m")
+    p = plan.make_plan(spec, 45 * 60, speed(1.0))
+    assert p.top_s == 120 and p.seeds == (0, 1, 2)
+    text = p.describe()
+    assert "hand-set train.max_minutes: 2" in text and "hand-set best.seeds: [0, 1, 2]" in text
+    assert plan.apply(spec, p).base_config().train.max_minutes == 2.0
+    assert spent(p) <= 45 * 60 and not p.warnings
+    # a hand-set clock the budget cannot hold is kept, and warned about
+    doc["fixed"]["train.max_minutes"] = 10.0
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    p = plan.make_plan(load_sweep(path, budget="12m"), 12 * 60, speed(1.0))
+    assert p.top_s == 600 and any("past the budget" in w or "less than one trial" in w for w in p.warnings)
+
+
+def test_a_slow_configuration_starts_in_a_later_bracket_and_one_no_rung_fits_is_skipped():
+    spec = load_sweep(DEFAULT)
+    p = plan.make_plan(spec, 45 * 60, speed(1.0))
+    rungs = list(p.rungs)
+    base = spec.base_config()
+    big = spec.trial_config({"model.kind": "gpt", "model.n_layer": 6, "model.n_embd": 256, "data.context": 256}, 1)
+    assert plan.first_bracket(base, 0, rungs, p) == 0
+    assert plan.first_bracket(big, 0, rungs, p) >= 1  # ~1 s a step: too few steps in the first rung
+    assert plan.first_bracket(big, 0, rungs, p, deadline=time.time() + 10) is None  # nothing fits 10 s
+    assert plan.first_bracket(base, 2, rungs, p, deadline=time.time() + rungs[1] * 1.3 + 10) == 1
+
+
+def test_bad_budgets_are_one_line():
+    for text in ("45x", "", "0m", "-3m", "30s"):
+        with pytest.raises(CharlmError, match="--budget"):
+            plan.parse_duration(text)
+    assert plan.parse_duration("1h30m") == 5400 and plan.parse_duration("12") == 720
+    r = cli("sweep", str(SMOKE), "--budget", "45 minutes", "--dry-run")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "45m, 3h" in r.stderr
+
+
+def test_enqueued_trials_run_first_and_are_tagged(tmp_path):
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    doc["baseline"] = str(ROOT / "experiments" / "ngram.yaml")
+    doc["enqueue"] = [{"model.kind": "ff", "train.lr": 0.004, "model.layers": 2}]
+    doc["study"]["n_trials"] = 3
+    path = tmp_path / "queued.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    r = cli("sweep", str(path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    study = journal_study(tmp_path, "smoke")
+    first, second = study.trials[0], study.trials[1]
+    assert first.user_attrs["charlm.enqueued"] == "base"
+    # the base experiment's own values where the space holds them (its patience 4 is outside [1, 2])
+    assert first.params["model.kind"] == "gpt" and first.params["train.lr"] == 0.0015
+    assert second.user_attrs["charlm.enqueued"] == "sweep file #0"
+    assert second.params == {**second.params, "model.kind": "ff", "train.lr": 0.004, "model.layers": 2}
+    assert "charlm.enqueued" not in study.trials[2].user_attrs
+    _, runs = mlflow_runs(tmp_path, "smoke")
+    tags = {r.data.tags.get("optuna.trial_number"): r.data.tags.get("charlm.enqueued") for r in runs}
+    assert tags["0"] == "base" and tags["1"] == "sweep file #0" and tags["2"] is None
+    # a warm start queues the earlier study's best trials, named as such
+    doc2 = {**doc, "study": {**doc["study"], "name": "smoke2"}}
+    doc2.pop("enqueue")
+    path2 = tmp_path / "warm.yaml"
+    path2.write_text(yaml.safe_dump(doc2, sort_keys=False))
+    r = cli("sweep", str(path2), "--warm-start", "smoke", "--n-trials", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warm = journal_study(tmp_path, "smoke2")
+    assert warm.trials[1].user_attrs["charlm.enqueued"] == f"warm start smoke#{study.best_trial.number}"
+    assert cli("sweep", str(path2), "--warm-start", "nosuch", cwd=tmp_path).returncode == 2
+
+
+def test_a_trial_in_flight_at_the_deadline_stops_at_its_next_evaluation_with_its_value(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from optuna.trial import TrialState
+
+    from charlm.objective import run_trial
+    from charlm.storage import storage_url
+    from charlm.sweep import prepare
+
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    doc.pop("baseline")
+    doc["study"]["enqueue_base"] = False
+    doc["pruner"] = {"type": "none"}
+    doc["fixed"].update({"train.max_steps": 1_000_000, "train.validation_interval": 100_000, "train.max_minutes": 10})
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    spec = load_sweep(path)
+    session = prepare(spec, storage_url(spec))
+    session.deadline = time.time() + 6.0  # mid-trial: its clock (10 min) and its next evaluation are far off
+    trial = session.study.ask()
+    t0 = time.time()
+    state = run_trial(session, trial)
+    assert state == TrialState.COMPLETE and time.time() - t0 < 60
+    done = session.study.trials[trial.number]
+    assert done.user_attrs["stop_reason"] == "deadline" and 0 < done.user_attrs["steps"] < 100_000
+    assert done.value == min(done.intermediate_values.values()) and math.isfinite(done.value)
+    _, runs = mlflow_runs(tmp_path, "smoke")
+    run = next(r for r in runs if r.data.tags.get("optuna.trial_number") == str(trial.number))
+    assert run.data.tags["stop_reason"] == "deadline" and run.info.status == "FINISHED"
