@@ -70,6 +70,8 @@ def best_config(spec: SweepSpec, study, number: int | None = None,
                                 "train.max_minutes": cfg.train.max_minutes * m,
                                 "train.validation_interval": max(1, int(round(cfg.train.validation_interval * m)))},
                           where=f"{spec.path} (best budget)")
+    if clock_s is not None and cfg.train.max_minutes == 0:  # a trial judged in steps: the clock still binds
+        cfg = config.override(cfg, {"train.max_minutes": clock_s / 60}, where=f"{spec.path} (best budget)")
     cfg = config.override(cfg, spec.best.set, where=f"{spec.path} (best.set)")
     return replace(cfg, name=f"best-{spec.study.name}"), trial
 

@@ -274,10 +274,10 @@ def _time_steps(cfg: config.Config, corpus, seconds: float = 1.5) -> float:
 def measure(spec) -> Speed:
     """Time the base experiment and each kind's largest and smallest configuration for a few
     steps, the base's full-pass scoring, and the retrain's n-gram counting (seconds in all)."""
-    import torch
-
     from charlm.data import load_corpus
+    from charlm.device import autocast_for, resolve_device
     from charlm.evaluate import full_pass
+    from charlm.models import build_model
     from charlm.models.ngram import NGram
 
     t0 = time.perf_counter()
@@ -288,9 +288,6 @@ def measure(spec) -> Speed:
     probes = []
     for cfg in probe_configs(spec):
         probes.append(Probe(cfg.model.kind, flops_per_step(cfg, len(corpus.vocab)), _time_steps(cfg, corpus)))
-    from charlm.device import autocast_for, resolve_device
-    from charlm.models import build_model
-
     device = resolve_device(base.train.device)
     scorer = build_model(dataclasses.replace(base, model=dataclasses.replace(base.model, mix_order=0)),
                          len(corpus.vocab)).to(device).eval()
@@ -304,7 +301,6 @@ def measure(spec) -> Speed:
     tn = time.perf_counter()
     NGram(base.model, len(corpus.vocab), order - 1).fit(counted)
     ngram_rate = len(counted) / max(time.perf_counter() - tn, 1e-6)
-    del torch
     return Speed(tuple(probes), eval_rate, ngram_rate, len(corpus.train), len(retrain_corpus.train),
                  len(corpus.test), len(corpus.val), len(corpus.vocab), time.perf_counter() - t0)
 
