@@ -23,6 +23,7 @@ from charlm.device import resolve_device
 from charlm.errors import CharlmError
 from charlm.models import generate
 from charlm.objective import ENQUEUED
+from charlm.plan import CLOSE_S, MARGIN
 from charlm.storage import open_planned, storage_url
 from charlm.sweepfile import SweepSpec
 from charlm.tracking import MlflowTracker
@@ -41,8 +42,8 @@ def winner(study):
     shorter budget is pessimistic, so a paused trial that still beats the finished ones is the
     better configuration, and the deadline, not its quality, stopped it."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    ranked = [t for t in trials if t.value is not None and (t.state == TrialState.COMPLETE or any(
-        k.startswith(promotion.rung_key(0)[:-1]) for k in t.system_attrs))]
+    ranked = [t for t in trials if t.value is not None
+              and (t.state == TrialState.COMPLETE or promotion.RUNG in t.system_attrs)]
     return min(ranked, key=lambda t: (t.value, t.number)) if ranked else None
 
 
@@ -99,8 +100,6 @@ class Clock:
     def seconds(self, seeds_left: int) -> float | None:
         if self.ends_at is None:
             return self.fixed
-        from charlm.plan import CLOSE_S, MARGIN
-
         left = self.ends_at - time.time() - CLOSE_S - MARGIN * self.budget_s - seeds_left * self.per_seed
         clock = left / max(1, seeds_left)
         if clock < 5:
@@ -119,8 +118,6 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None, budget_s: fl
     cfg, trial = best_config(spec, study, trial_number, clock.seconds(len(seeds)))
     own = trial_number is not None
     out = paths.BEST_ROOT / (f"{spec.study.name}-trial-{trial.number}" if own else spec.study.name)
-
-
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'trial' if own else 'best trial'} {trial.number} of study '{spec.study.name}' ({paths.redact(url)}): "
           f"val {trial.value:.4f}{' (' + trial.user_attrs[ENQUEUED] + ')' if ENQUEUED in trial.user_attrs else ''}; "

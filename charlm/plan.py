@@ -233,51 +233,44 @@ def flops_per_step(cfg: config.Config, vocab_size: int) -> float:
     return float(model.flops_per_token(cfg.data.context)) * cfg.data.context * cfg.train.batch_size
 
 
-def _time_steps(cfg: config.Config, corpus, seconds: float = 1.5) -> float:
-    """Seconds per optimizer step of ``cfg`` on this machine, after one warm-up step."""
-    import contextlib
+def _run_for(cfg: config.Config, corpus):
+    """The trainer's Run of ``cfg`` (its network alone), recorded nowhere."""
+    from charlm.tracking import NullTracker
+    from charlm.train import setup
 
-    import torch
+    return setup(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mix_order=0)), NullTracker(), corpus)
 
-    from charlm.data import Batcher
-    from charlm.device import autocast_for, resolve_device
-    from charlm.models import build_model
-    from charlm.optim import make_optimizer
 
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(0)
-    model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mix_order=0)),
-                        len(corpus.vocab)).to(device)
-    opt = make_optimizer(model, cfg)
-    amp = autocast_for(cfg.train.precision, device)
-    batches = Batcher(corpus.train, cfg.data.context, cfg.train.batch_size, 0, device)
+def _time_steps(cfg: config.Config, corpus, seconds: float = 1.5):
+    """Seconds per optimizer step of ``cfg`` on this machine, after one warm-up step: the median of
+    the trainer's own steps (charlm/train.py ``setup``, charlm/loop.py ``Loop.step``). Also returns
+    the run, whose model the probe scores with."""
+    from charlm.loop import Loop, TrainState
+    from charlm.stopping import Patience
+
+    run = _run_for(cfg, corpus)
+    loop = Loop(run, TrainState(Patience(0)), None, None)
     times = []
     t_end = time.perf_counter() + seconds
     for i in range(12):
         t0 = time.perf_counter()
-        x, y = batches.next()
-        with amp or contextlib.nullcontext():
-            _, loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device == "cuda":
+        loop.step(cfg.train.lr)
+        if run.device == "cuda":
+            import torch
+
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t0)
         if len(times) >= 2 and time.perf_counter() >= t_end:
             break
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], run
 
 
 def measure(spec) -> Speed:
     """Time the base experiment and each kind's largest and smallest configuration for a few
     steps, the base's full-pass scoring, and the retrain's n-gram counting (seconds in all)."""
     from charlm.data import load_corpus
-    from charlm.device import autocast_for, resolve_device
-    from charlm.evaluate import full_pass
-    from charlm.models import build_model
     from charlm.models.ngram import NGram
 
     t0 = time.perf_counter()
@@ -285,16 +278,15 @@ def measure(spec) -> Speed:
     retrain = config.override(base, spec.best.set, where=f"{spec.path} (best.set)")
     corpus = load_corpus(base.data)
     retrain_corpus = load_corpus(retrain.data)
-    probes = []
-    for cfg in probe_configs(spec):
-        probes.append(Probe(cfg.model.kind, flops_per_step(cfg, len(corpus.vocab)), _time_steps(cfg, corpus)))
-    device = resolve_device(base.train.device)
-    scorer = build_model(dataclasses.replace(base, model=dataclasses.replace(base.model, mix_order=0)),
-                         len(corpus.vocab)).to(device).eval()
+    probes, scorer = [], None
+    for cfg in probe_configs(spec):  # the base first: its run scores below
+        seconds, run = _time_steps(cfg, corpus)
+        probes.append(Probe(cfg.model.kind, flops_per_step(cfg, len(corpus.vocab)), seconds))
+        scorer = scorer or run
+    scorer = scorer or _run_for(base, corpus)  # a base with nothing to train (an n-gram) still scores
     ids = corpus.val[:20_000]
     te = time.perf_counter()
-    full_pass(scorer, ids, base.train.eval_stride, base.train.eval_batch_size, device,
-              autocast_for(base.train.precision, device))
+    scorer.score(ids, scorer.amp)
     eval_rate = len(ids) / max(time.perf_counter() - te, 1e-6)
     order = _max_mix_order(len(corpus.vocab), max(retrain.model.mix_order, 6))
     counted = corpus.train[:200_000]

@@ -69,8 +69,7 @@ def _planned(spec: SweepSpec, study: optuna.Study, started_at: float | None) -> 
     kept = study.user_attrs.get(plan.PLAN_ATTR)
     if kept:
         made = plan.Plan.from_json(kept)
-        made = dataclasses.replace(made, started_at=now, budget_s=budget,
-                                        study_s=made.study_s + budget - made.budget_s)
+        made = dataclasses.replace(made, started_at=now, budget_s=budget, study_s=made.study_s + budget - made.budget_s)
         print("resuming the study's plan with a new deadline", file=sys.stderr)
     else:
         print(f"measuring this machine for a {budget / 60:g}-minute plan ...", file=sys.stderr, flush=True)
@@ -78,8 +77,6 @@ def _planned(spec: SweepSpec, study: optuna.Study, started_at: float | None) -> 
     study.set_user_attr(plan.PLAN_ATTR, made.to_json())
     print(made.describe(), file=sys.stderr, flush=True)
     return plan.apply(spec, made)
-
-
 
 
 def base_values(spec: SweepSpec) -> tuple[dict, list[str]]:
