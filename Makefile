@@ -12,6 +12,7 @@ SET    ?=
 MODEL  ?= mlruns/best
 PORT   ?= 5000
 DPORT  ?= 8080
+DOCSPORT ?= 8000
 STORE  ?= mlruns
 # `make server`: its own store (workers elsewhere cannot write a local artifact path), artifacts served
 BACKEND   ?= sqlite:///$(abspath mlruns/server)/mlflow.db
@@ -50,17 +51,25 @@ all: $(STAMP) ## the whole search to one deadline: sweep, then best: make all BU
 sweep: $(STAMP) ## run or resume an Optuna study: make sweep SWEEP=sweeps/smoke.yaml WORKERS=2 [STORAGE=url]
 	$(PY) -m charlm sweep $(SWEEP) --workers $(WORKERS) $(STORAGE_ARG)
 
-best: $(STAMP) ## retrain the study's best trial with the full budget over seeds, test it, save to mlruns/best/<study>/
+best: $(STAMP) ## retrain the best trial at its clock over seeds, test, save to mlruns/best/<study>/, register it
 	$(PY) -m charlm best $(SWEEP) $(STORAGE_ARG)
 
 train: $(STAMP) ## train one model: make train EXP=experiments/gpt.yaml SET="train.lr=1e-3 train.max_steps=500"
 	$(PY) -m charlm train $(EXP) $(SET_ARGS)
 
-sample: $(STAMP) ## generate text: make sample MODEL=path/to/model.pt (default mlruns/best)
+sample: $(STAMP) ## generate text: make sample MODEL=mlruns/best/smoke (default: the newest under mlruns/best, named)
 	$(PY) -m charlm sample --model $(MODEL)
 
 eval: $(STAMP) ## score a text file: make eval MODEL=... TEXT=file.txt
 	$(PY) -m charlm eval --model $(MODEL) $(if $(TEXT),--text $(TEXT),--split test)
+
+docs: $(STAMP) ## build the docs site to site/, strict (a broken link or any warning fails); reference pages regenerated first
+	$(PY) docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+docs-serve: $(STAMP) ## preview the docs site on http://127.0.0.1:8000 (DOCSPORT= to change), rebuilt as pages change
+	$(PY) docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve -a 127.0.0.1:$(DOCSPORT)
 
 lint: $(STAMP) ## ruff over the code, tests and benches (rules and line length in pyproject.toml)
 	$(VENV)/bin/ruff check .
@@ -108,7 +117,7 @@ serve: $(STAMP) ## REST scoring server on 127.0.0.1:5000 for a registered model 
 		$(VENV)/bin/mlflow models serve -m $(SERVE_MODEL) --env-manager local --host $(HOST) --port $(PORT)
 
 clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)
-	rm -rf .pytest_cache build *.egg-info
+	rm -rf .pytest_cache build site *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install all bench-seeds lint sweep best train sample eval test test-slow test-pg gpu-check bench bench-search report dashboard ui server serve clean
+.PHONY: help install all bench-seeds docs docs-serve lint sweep best train sample eval test test-slow test-pg gpu-check bench bench-search report dashboard ui server serve clean

@@ -15,7 +15,7 @@
 #   4. with time left: nanoGPT's baby-GPT recipe through `charlm train` on the GPU, tested;
 #   5. only when asked (GPU_CHECK_STEPS=5, 9 minutes at worst): the whole study as a user runs it,
 #      make sweep SWEEP=sweeps/gpu.yaml WORKERS=4 && make best SWEEP=sweeps/gpu.yaml.
-# Needs the project's packages importable (on a bare GPU machine: wheels, README "GPUs") and the
+# Needs the project's packages importable (on a bare GPU machine: wheels, docs/how-to/gpu.md) and the
 # text: CHARLM_DATA_MIRROR=<folder holding tinyshakespeare.txt>. Each step's output goes to
 # ${OUT:-/tmp}/gpu_check.log as well; the last lines are the summary. GPU_CHECK_STEPS="3 2" runs
 # only those steps, in that order (a rerun inside what is left of a lease).

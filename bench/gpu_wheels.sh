@@ -6,7 +6,7 @@
 #   it there (a name per line also does); those packages are left to it, torch first among them.
 # DIR: where the wheels go (default .whl). Resolved here for its Python and platform
 #   (GPU_PYTHON, default 3.12; manylinux x86-64), one version of each package, never torch. Then,
-#   on the GPU machine, with the text beside it (CHARLM_DATA_MIRROR, README "GPUs"):
+#   on the GPU machine, with the text beside it (CHARLM_DATA_MIRROR, docs/how-to/gpu.md):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site DIR/*.whl
 #   PYTHONPATH=/tmp/site bash bench/gpu_check.sh
 set -euo pipefail

@@ -83,13 +83,24 @@ def _read_text_arg(path: str) -> str:
     return text
 
 
-def cmd_eval(args) -> int:
+def _load_checkpoint(args, device: str):
+    """The checkpoint ``--model`` names; where a folder left the pick to ``checkpoint.resolve`` (the
+    newest ``mlruns/best/<study>/``), say which one, so a smoke model is never taken for the study's."""
     from charlm import checkpoint
+
+    ck = checkpoint.load(args.model, device)
+    given = Path(args.model).expanduser()
+    if given.is_dir() and ck.path.parent != given:
+        print(f"model: {ck.path} (the newest under {args.model}; --model chooses another)", file=sys.stderr)
+    return ck
+
+
+def cmd_eval(args) -> int:
     from charlm.device import resolve_device
     from charlm.evaluate import full_pass
 
     device = resolve_device(args.device)
-    ck = checkpoint.load(args.model, device)
+    ck = _load_checkpoint(args, device)
     if args.text:
         ids = ck.vocab.encode(_read_text_arg(args.text), skip_unknown=args.skip_unknown)
         source = args.text
@@ -115,13 +126,12 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from charlm import checkpoint
     from charlm.device import resolve_device
     from charlm.models import generate
 
     _check_sample_args(args)
     device = resolve_device(args.device)
-    ck = checkpoint.load(args.model, device)
+    ck = _load_checkpoint(args, device)
     prompt = args.prompt if args.prompt else "\n"
     ids = ck.vocab.encode(prompt, skip_unknown=args.skip_unknown).long()
     if len(ids) == 0:
@@ -258,7 +268,8 @@ def _study_commands(sub) -> None:
     w.add_argument("--warm-start", default=None, metavar="STUDY",
                    help="queue the best trials of an earlier study in the same storage first")
     w.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    b = _command(sub, "best", cmd_best, "retrain the study's best trial with the full budget over seeds, test it, save it",
+    b = _command(sub, "best", cmd_best,
+                 "retrain the study's best trial at its clock (or what --budget leaves) over seeds, test, save and register it",
                  "python -m charlm best sweeps/default.yaml --seeds 0 1")
     _study_args(b)
     b.add_argument("--seeds", type=int, nargs="+", default=None, help="override best.seeds")

@@ -1,4 +1,4 @@
-"""The study's best trial -> retrain with the full budget over several seeds -> test -> ``mlruns/best/<study>/``.
+"""The study's best trial -> retrain at its clock (or what the deadline leaves) over several seeds -> test -> ``mlruns/best/<study>/``.
 
 One MLflow run tagged ``best=true`` (linked to the study's parent run) holds the mean and spread
 over seeds; each seed is a child run with everything the trainer logs. The seed with the lowest

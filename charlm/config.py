@@ -52,7 +52,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda; auto takes a GPU when torch sees one
     precision: str = "auto"  # auto | fp32 | bf16; auto = bf16 autocast where the hardware has it
     compile: str = "auto"  # auto | true | false: torch.compile the training step; auto = on CUDA, for runs long enough to repay it
-    compile_mode: str = "auto"  # auto | default | reduce-overhead (CUDA graphs); auto = reduce-overhead on CUDA (README, GPUs)
+    compile_mode: str = "auto"  # auto | default | reduce-overhead (CUDA graphs); auto = reduce-overhead on CUDA (docs: how-to/gpu.md)
     threads: int = 0  # torch intra-op threads; 0 = torch's default (the physical cores)
     seed: int = 0  # one seed drives init, batch order and dropout
     batch_size: int = 32  # sequences per step
@@ -69,12 +69,12 @@ class TrainConfig:
     max_minutes: float = 0.0  # wall-clock budget for the training loop; 0 = none
     validation_interval: int = 100  # steps between evaluations (the patience rule's step axis)
     patience: int = 5  # evaluations without relative improvement before stopping; 0 = never
-    min_relative_improvement: float = 0.0  # improve means loss < best * (1 - this)
+    min_relative_improvement: float = 0.0  # improve means loss < reference * (1 - this); reference: the last improving loss
     eval_chars: int = 16384  # intermediate evals score this fixed prefix of val; 0 = all of val
     eval_stride: int = 0  # gpt full-pass window stride; 0 = context // 2
     eval_batch_size: int = 32  # windows per forward pass when evaluating
     sample_chars: int = 500  # length of the text sample saved with each run
-    system_metrics: bool = True  # CPU, memory, disk, network every 2 s on MLflow runs (system/*); ~1% of a trial (README)
+    system_metrics: bool = True  # CPU, memory, disk, network every 2 s on MLflow runs (system/*); ~1% of a trial (docs/results.md)
 
 
 @dataclass(frozen=True)

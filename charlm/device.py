@@ -25,7 +25,7 @@ def bf16_supported(device: str) -> bool:
 
 # auto compiles a CUDA run only when its budget allows at least this many steps and minutes: on an
 # H200 a compile took 11 s (18 s with 4 workers compiling at once) and saved 8.3 ms a step, repaid
-# after ~1,300 steps; a compiled minute then still trains ~1.7x the steps of an eager one (README, GPUs)
+# after ~1,300 steps; a compiled minute then still trains ~1.7x the steps of an eager one (docs/results.md, One GPU)
 COMPILE_PAYS_STEPS = 2000
 COMPILE_PAYS_MINUTES = 1.0
 
@@ -33,7 +33,7 @@ COMPILE_PAYS_MINUTES = 1.0
 def compile_for(setting: str, device: str, max_steps: int, max_minutes: float) -> bool:
     """``train.compile``: auto compiles on CUDA, where fusing the step's kernels pays, for a run
     long enough to win back the compile; on CPU the step stays eager unless asked (measured no
-    faster there, README "Figures")."""
+    faster there, docs/results.md)."""
     if setting != "auto":
         return setting == "true"
     long_enough = max_steps >= COMPILE_PAYS_STEPS and (max_minutes == 0 or max_minutes >= COMPILE_PAYS_MINUTES)

@@ -35,11 +35,11 @@ from charlm.tracking import Tracker
 class StopReason(StrEnum):
     """Why a run stopped; logged as the run's ``stop_reason`` tag."""
 
-    EARLY_STOP = "early_stop"  # the patience rule fired
-    MAX_STEPS = "max_steps"
-    MAX_MINUTES = "max_minutes"
+    EARLY_STOP = "early_stop"  # the patience rule fired (after the wsd decay, where there was one)
+    MAX_STEPS = "max_steps"  # the run used its max_steps
+    MAX_MINUTES = "max_minutes"  # the run used its max_minutes of training clock
     DIVERGED = "diverged"  # loss not finite, or above twice a uniform guess
-    FITTED = "fitted"  # a count model: nothing to optimise
+    FITTED = "fitted"  # a count model (ngram): nothing to optimise
     PRUNED = "pruned"  # on_eval said so (the sweep's pruner)
     RUNG_END = "rung_end"  # the sweep's rung budget (``until``) is spent: promote or pause (charlm/promotion.py)
     DEADLINE = "deadline"  # the study's deadline (``stop_at``) passed: stopped at once, its best value kept

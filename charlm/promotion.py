@@ -17,8 +17,8 @@ A worker that dies past a rung loses only the rung it was in: its trial pauses a
 state and goes on elsewhere.
 
 Brackets (``pruner.brackets``, asynchronous Hyperband): a first rung short enough to be cheap is
-too short for a slow starter (a GPT trails the feed-forward nets at 27 s and leads them at 4
-minutes; docs/REPORT.md section 8), and one ladder of rungs cannot hedge that. With B brackets, a
+too short for a slow starter (a GPT trails the feed-forward nets at a first rung under a minute
+and leads them at the clock; docs/REPORT.md section 8), and one ladder of rungs cannot hedge that. With B brackets, a
 trial of bracket b trains straight to rung b and is ranked from there on, against the trials of
 its own bracket only; the last bracket's trials run to the clock unjudged. Each bracket gets a
 share of new trials that gives it about the same compute, and trial numbers walk those shares
@@ -53,7 +53,7 @@ def rung_budgets(min_seconds: float, reduction_factor: int, top_seconds: float) 
 def bracket_shares(budgets: list[float], reduction_factor: int, brackets: int) -> list[float]:
     """The share of new trials each bracket gets so that all spend about the same compute: bracket
     b's trial trains to rung b, then goes on to each next rung with chance 1/reduction_factor per
-    rung climbed (rungs of 27 s, 80 s and 4 min: 62 s, 133 s and 240 s, shares 58%, 27%, 15%)."""
+    rung climbed (rungs r, 3r and 9r cost 2.33r, 5r and 9r: shares 58%, 27%, 15%)."""
     costs = []
     for b in range(brackets):
         climbs = range(b + 1, len(budgets))

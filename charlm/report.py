@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from charlm import paths, tracking
 from charlm.plots import pyplot
 from charlm.progress import Progress
+from charlm.promotion import is_paused
 from charlm.space import space_size
 from charlm.storage import Session
 from charlm.sweepfile import SweepSpec
@@ -288,16 +289,17 @@ class SweepProgress:
         self.start_done = counted(session.study.get_trials(deepcopy=False))
         self.t0 = time.time()
         self.bar = Progress(f"sweep {session.spec.study.name}", self.target, "trial", initial=self.start_done)
-        self.shown = self.start_done
+        self.shown, self.paused = self.start_done, 0
 
     def update(self) -> None:
         study = self.session.study
         trials = study.get_trials(deepcopy=False)
         done = counted(trials)
-        if done == self.shown:
+        paused = sum(1 for t in trials if is_paused(t))  # RUNNING to Optuna: without this, counted nowhere
+        if (done, paused) == (self.shown, self.paused):
             return
         self.bar.advance(done - self.shown)
-        self.shown = done
+        self.shown, self.paused = done, paused
         n = state_counts(trials)
         best_trial = best_complete(study, trials)
         best = f"{best_trial.value:.4f}" if best_trial is not None else "-"
@@ -306,8 +308,8 @@ class SweepProgress:
         if self.deadline:
             eta = min(eta, max(0.0, self.deadline - time.time()))
         eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s"
-        self.bar.event(f"{done}/{self.target} trials ({n['pruned']} pruned, {n['fail']} failed), "
-                       f"best val {best}, ETA {eta_text}", pruned=n["pruned"], failed=n["fail"],
+        self.bar.event(f"{done}/{self.target} trials ({paused} paused at a rung, {n['pruned']} pruned, {n['fail']} failed), "
+                       f"best val {best}, ETA {eta_text}", paused=paused, pruned=n["pruned"], failed=n["fail"],
                        best=best, eta=eta_text)
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
 """Sweep YAML -> a validated :class:`SweepSpec` (sections: study, sampler, pruner, base, fixed,
-space, best, baseline; ``sweeps/smoke.yaml`` is the shortest example, README "Sweeps" explains
+space, best, baseline; ``sweeps/smoke.yaml`` is the shortest example, docs/reference/sweep-file.md lists
 each). Every mistake is a :class:`SweepError` naming the file, the key and what was expected,
 raised before any trial starts.
 """

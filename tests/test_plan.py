@@ -170,3 +170,14 @@ def test_a_trial_in_flight_at_the_deadline_stops_at_its_next_evaluation_with_its
     _, runs = mlflow_runs(tmp_path, "smoke")
     run = next(r for r in runs if r.data.tags.get("optuna.trial_number") == str(trial.number))
     assert run.data.tags["stop_reason"] == "deadline" and run.info.status == "FINISHED"
+
+
+def test_best_names_the_retrain_budget_that_binds():
+    # "retraining 1000000 steps" was printed for a retrain that a 6-minute clock ends
+    from charlm import config
+    from charlm.best import budget_words
+
+    clocked = config.override(config.Config(), {"train.max_steps": 1_000_000, "train.max_minutes": 6.5}, where="t")
+    assert budget_words(clocked) == "6.50 minutes"
+    stepped = config.override(config.Config(), {"train.max_steps": 90}, where="t")
+    assert budget_words(stepped) == "90 steps"

@@ -198,3 +198,23 @@ def test_wsd_holds_the_peak_whatever_the_length_then_decays_over_its_last_fracti
     assert short[9] == long[9] == 0.01 and short[:88] == long[:88]  # before its decay a short run is a long one's prefix
     assert long[800] == 0.01 and long[-1] == pytest.approx(0.001, rel=0.05)  # decays over the last 200 steps
     assert long[910] == pytest.approx(0.01 - 0.009 * 0.5, rel=0.01)
+
+
+def test_the_sweep_progress_line_counts_the_trials_paused_at_a_rung(capsys, monkeypatch):
+    # a paused trial is RUNNING to Optuna: the line named it nowhere until the study's end
+    from types import SimpleNamespace
+
+    from charlm.report import SweepProgress
+    from charlm.sweepfile import load_sweep
+
+    monkeypatch.setenv("CI", "true")  # plain lines, as in a log
+    study = optuna.create_study()
+    shown = SweepProgress(SimpleNamespace(spec=load_sweep(ROOT / "sweeps" / "smoke.yaml"), study=study), None)
+    study.tell(study.ask(), 1.5)
+    paused = study.ask()
+    study._storage.set_trial_system_attr(paused._trial_id, promotion.PAUSED, True)
+    shown.update()
+    assert "2/8 trials (1 paused at a rung, 0 pruned, 0 failed), best val 1.5000" in capsys.readouterr().err
+    study._storage.set_trial_system_attr(paused._trial_id, promotion.PAUSED, False)  # promoted: a change to show
+    shown.update()
+    assert "(0 paused at a rung" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from helpers import PYTHON, ROOT
 @pytest.mark.slow
 def test_shipped_gpt_experiment_beats_nanogpts_cpu_recipe(tmp_path):
     # nanoGPT's CPU recipe scores 1.886 nats/char on these test characters (its val split). The
-    # shipped 5-minute clock trained 768 steps on the reference 2-core machine (README, Figures);
+    # shipped 5-minute clock trained 768 steps on the reference 2-core machine (docs/results.md, One model);
     # the test trains those steps, not the clock, so that every machine checks the same model:
     # on a 2-core AVX2 machine without bf16 the clock reached 2.35, and the steps take ~30 min
     # there (speed is `make bench`'s, never a test's)

@@ -453,8 +453,9 @@ def test_best_retrains_saves_and_evaluates(smoke_sweep):
     client, runs = mlflow_runs(cwd, "smoke")
     best_runs = [x for x in runs if x.data.tags.get("best") == "true" and not x.data.tags.get("mlflow.parentRunId")]
     assert len(best_runs) == 1 and "test_loss_mean" in best_runs[0].data.metrics
-    r = cli("sample", "--chars", "20", cwd=cwd)  # default model: the newest mlruns/best/<study>
+    r = cli("sample", "--chars", "20", cwd=cwd)  # default model: the newest mlruns/best/<study>, named
     assert r.returncode == 0 and len(r.stdout) > 20
+    assert "model: mlruns/best/smoke/model.pt (the newest under mlruns/best" in r.stderr, r.stderr
     # run again (as after an interruption): finished seeds are picked up, not retrained
     r = cli("best", str(SMOKE), cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]

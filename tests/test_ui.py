@@ -55,7 +55,7 @@ def ui(tmp_path_factory):
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", server, 120)
         yield port, printed.replace("127.0.0.1:5000", f"127.0.0.1:{port}"), shots
-        if os.environ.get("CHARLM_SCREENSHOTS"):  # refresh the README's pictures
+        if os.environ.get("CHARLM_SCREENSHOTS"):  # refresh the docs' pictures
             for f in shots.iterdir():
                 shutil.copy(f, Path(os.environ["CHARLM_SCREENSHOTS"]) / f.name)
     finally:
@@ -159,3 +159,33 @@ def test_registry_shows_the_best_model_with_its_champion_alias(ui, browser):
     close_assistant(page)
     assert "champion" in page.inner_text("body")
     page.screenshot(path=shots / "mlflow_registry.png")
+
+
+@pytest.mark.slow
+def test_the_docs_site_builds_strict_and_its_home_and_reference_pages_render(browser, tmp_path):
+    site = tmp_path / "site"
+    r = subprocess.run([PYTHON, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(site)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    port = free_port()
+    server = subprocess.Popen([PYTHON, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(site)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/", server, 30)
+        page = fresh_page(browser)
+        page.goto(f"http://127.0.0.1:{port}/")
+        body = page.inner_text("body")
+        for section in ("Tutorial", "How-to guides", "Reference", "Explanation", "Results"):
+            assert section in body, f"the home page's navigation lacks {section}"
+        assert "make all BUDGET=" in body
+        page.screenshot(path=tmp_path / "site_home.png")
+        page.goto(f"http://127.0.0.1:{port}/reference/cli/")
+        page.get_by_text("--budget").first.wait_for(timeout=30_000)  # the generated page, as built
+        assert "make bench-seeds" in page.inner_text("body")
+        page.screenshot(path=tmp_path / "site_reference.png")
+        if os.environ.get("CHARLM_SCREENSHOTS"):
+            for name in ("site_home.png", "site_reference.png"):
+                shutil.copy(tmp_path / name, Path(os.environ["CHARLM_SCREENSHOTS"]) / name)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
