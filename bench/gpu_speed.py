@@ -29,7 +29,7 @@ from charlm import config  # noqa: E402
 from charlm.models import build_model  # noqa: E402
 from charlm.optim import make_optimizer  # noqa: E402
 from charlm.tracking import NullTracker  # noqa: E402
-from charlm.train import train  # noqa: E402
+from charlm.trainer import train  # noqa: E402
 
 SHAPE = ["model.kind=gpt", "model.n_layer=6", "model.n_head=6", "model.n_embd=384", "model.dropout=0.2",
          "data.context=256", "train.batch_size=64", "train.precision=bf16", "train.device=cuda", "train.lr=1e-3"]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from charlm import checkpoint, config  # noqa: E402
 from charlm.loop import Loop  # noqa: E402
 from charlm.tracking import NullTracker  # noqa: E402
-from charlm.train import resume, setup  # noqa: E402
+from charlm.trainer import resume, setup  # noqa: E402
 
 SHAPES = {  # name: overrides of experiments/gpt.yaml (batch 1: a batch's size writes nothing)
     "default GPT (CPU)": [],

@@ -103,7 +103,7 @@ RUN = """
 import json, resource, sys
 from charlm import config
 from charlm.tracking import NullTracker
-from charlm.train import train
+from charlm.trainer import train
 cfg = config.load(sys.argv[1], sys.argv[3:] + [f"train.max_steps={sys.argv[2]}", "train.patience=0"])
 r = train(cfg, NullTracker())
 print(json.dumps({"steps": r.steps, "train_seconds": r.train_seconds, "eval_seconds": r.eval_seconds,

@@ -1,4 +1,5 @@
-"""Command line: ``python -m charlm train | sweep | best | eval | sample | report | dashboard``. Thin: parse, call, print.
+"""Command line: ``python -m charlm train | sweep | best | eval | sample | report | dashboard``. Thin: parse,
+call the Python API (charlm/api.py), print.
 
 User errors (bad config, missing files, unknown characters) print one line to stderr and exit 2;
 Ctrl-C or SIGTERM ends the MLflow run as KILLED and exits 130/143.
@@ -19,49 +20,20 @@ from charlm.paths import DEFAULT_MODEL
 
 
 def cmd_train(args) -> int:
-    from charlm import config
-    from charlm.data import load_corpus
-    from charlm.models import check_corpus_fit
+    from charlm import api, config
 
-    cfg = config.load(args.experiment, args.set or [])
-    corpus = load_corpus(cfg.data)  # fail on data problems before a run is created
-    check_corpus_fit(cfg, len(corpus.vocab))
     if args.dry_run:
+        cfg, corpus = api.experiment(args.experiment, args.set or [])
         sys.stdout.write(config.dump_yaml(cfg))
         print(f"# data: {corpus.path.name}, {len(corpus.data):,} characters, {len(corpus.vocab)} distinct; "
               f"splits {len(corpus.train):,}/{len(corpus.val):,}/{len(corpus.test):,}; nothing trained",
               file=sys.stderr)
         return 0
-    from charlm.train import train
-
-    def keep(result) -> str | None:
-        """Copy the best checkpoint to --out before the run's scratch folder goes away."""
-        if args.out and result.checkpoint:
-            import shutil
-
-            from charlm.checkpoint import write_atomic
-
-            with open(result.checkpoint, "rb") as src:
-                dest = write_atomic(Path(args.out) / "model.pt", lambda f: shutil.copyfileobj(src, f))
-            return str(dest)
-        return None
-
-    if args.no_track:
-        from charlm.tracking import NullTracker
-
-        scratch = NullTracker()  # holds the checkpoint until keep() has copied it
-        result = train(cfg, scratch, corpus=corpus)
-        where = keep(result) or "not kept (use --out DIR, or drop --no-track to keep it in MLflow)"
-    else:
-        from charlm.tracking import MlflowTracker
-
-        with MlflowTracker(cfg.experiment, cfg.name) as tracker:
-            print(f"MLflow run {tracker.run_id} in experiment '{cfg.experiment}' ({tracker.uri})", file=sys.stderr)
-            result = train(cfg, tracker, corpus=corpus)
-            where = tracker.artifact_uri("model/model.pt") if result.checkpoint else "none"
-            kept = keep(result)
-            where += f" (and {kept})" if kept else ""
-    print(f"{cfg.model.kind}: {result.n_params:,} params, {result.steps} steps in {result.train_seconds:.0f}s, "
+    run = api.train(args.experiment, args.set or [], track=not args.no_track, out=args.out)
+    result = run.result
+    where = run.checkpoint or ("not kept (use --out DIR, or drop --no-track to keep it in MLflow)" if args.no_track
+                               else "none")
+    print(f"{run.config.model.kind}: {result.n_params:,} params, {result.steps} steps in {result.train_seconds:.0f}s, "
           f"stop: {result.stop_reason}")
     print(f"best val loss {result.best_val_loss:.4f} nats/char ({result.best_val_bpc:.4f} bpc) at step "
           f"{result.best_step}; test loss {result.test_loss:.4f} ({result.test_bpc:.4f} bpc)")
@@ -83,40 +55,30 @@ def _read_text_arg(path: str) -> str:
     return text
 
 
-def _load_checkpoint(args, device: str):
-    """The checkpoint ``--model`` names; where a folder left the pick to ``checkpoint.resolve`` (the
-    newest ``mlruns/best/<study>/``), say which one, so a smoke model is never taken for the study's."""
-    from charlm import checkpoint
+def _model(args):
+    """The model ``--model`` names; where a folder left the pick to ``checkpoint.resolve`` (the newest
+    ``mlruns/best/<study>/``), say which one, so a smoke model is never taken for the study's."""
+    from charlm import api
 
-    ck = checkpoint.load(args.model, device)
+    model = api.load(args.model, args.device)
     given = Path(args.model).expanduser()
-    if given.is_dir() and ck.path.parent != given:
-        print(f"model: {ck.path} (the newest under {args.model}; --model chooses another)", file=sys.stderr)
-    return ck
+    if given.is_dir() and model.path.parent != given:
+        print(f"model: {model.path} (the newest under {args.model}; --model chooses another)", file=sys.stderr)
+    return model
 
 
 def cmd_eval(args) -> int:
-    from charlm.device import resolve_device
-    from charlm.evaluate import full_pass
-
-    device = resolve_device(args.device)
-    ck = _load_checkpoint(args, device)
+    model = _model(args)
     if args.text:
-        ids = ck.vocab.encode(_read_text_arg(args.text), skip_unknown=args.skip_unknown)
+        res = model.evaluate(_read_text_arg(args.text), skip_unknown=args.skip_unknown)
         source = args.text
     else:
-        from charlm.data import load_corpus
+        res = model.evaluate(split=args.split)
+        from charlm.data import DEFAULT_NAME
 
-        corpus = load_corpus(ck.cfg.data)
-        if corpus.vocab != ck.vocab:
-            raise CharlmError(f"The corpus {corpus.path} no longer matches the checkpoint's vocabulary")
-        ids = corpus.split(args.split)
-        source = f"{corpus.path.name}:{args.split}"
-    if len(ids) < 2:
-        raise CharlmError(f"{source}: fewer than 2 known characters; nothing to score")
-    res = full_pass(ck.model, ids, ck.cfg.train.eval_stride, ck.cfg.train.eval_batch_size, device)
+        source = f"{Path(model.config.data.path).name or DEFAULT_NAME}:{args.split}"
     if args.json:
-        print(json.dumps({**res.as_dict(), "model": str(ck.path), "text": source}))
+        print(json.dumps({**res.as_dict(), "model": str(model.path), "text": source}))
     else:
         print(f"{source}: {res.loss:.4f} nats/char, {res.bpc:.4f} bpc, perplexity {res.perplexity:.3f} "
               f"over {res.chars:,} characters")
@@ -124,21 +86,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
-
-    from charlm.device import resolve_device
-    from charlm.models import generate
-
     _check_sample_args(args)
-    device = resolve_device(args.device)
-    ck = _load_checkpoint(args, device)
-    prompt = args.prompt if args.prompt else "\n"
-    ids = ck.vocab.encode(prompt, skip_unknown=args.skip_unknown).long()
-    if len(ids) == 0:
-        raise CharlmError("The prompt has no character the model knows; give another --prompt")
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(ck.model, ids[None, :].to(device), args.chars, args.temperature, args.top_k, gen)
-    sys.stdout.write(ck.vocab.decode(out[0].tolist()) + "\n")
+    model = _model(args)
+    prompt = args.prompt or "\n"
+    shown = model.vocab.decode(model.vocab.encode(prompt, skip_unknown=args.skip_unknown).tolist())
+    text = model.generate(args.prompt, args.chars, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                          skip_unknown=args.skip_unknown)
+    sys.stdout.write(shown + text + "\n")
     return 0
 
 
@@ -158,39 +112,28 @@ STARTED = time.time()  # the moment the command began: a --budget counts from he
 
 
 def _load(args, **extra):
-    from charlm.sweepfile import load_sweep
+    from charlm.api import sweep_spec
 
-    return load_sweep(args.sweep, storage=args.storage, budget=getattr(args, "budget", None),
+    return sweep_spec(args.sweep, storage=args.storage, budget=getattr(args, "budget", None),
                       text=getattr(args, "text", None), **extra)
 
 
 def cmd_sweep(args) -> int:
-    if args.workers < 1:
-        raise CharlmError(f"--workers must be >= 1, got {args.workers}")
-    spec = _load(args, n_trials=args.n_trials, seed=args.seed)
-    from charlm import sweep
+    from charlm import api
 
+    out = api.sweep(args.sweep, workers=args.workers, n_trials=args.n_trials, storage=args.storage, budget=args.budget,
+                    text=args.text, seed=args.seed, warm_start=args.warm_start, dry_run=args.dry_run,
+                    started_at=STARTED, worker_index=args.worker_index)
     if args.dry_run:
-        print(sweep.dry_run(spec))
-        return 0
-    return sweep.run(spec, workers=args.workers, worker_index=args.worker_index, started_at=STARTED,
-                     warm_start=args.warm_start)
+        print(out)
+    return 0
 
 
 def cmd_best(args) -> int:
-    from charlm import config
+    from charlm import api
 
-    spec = _load(args)
-    for seed in args.seeds or ():  # before the study is opened or a run created
-        config.override(spec.base_config(), {"train.seed": seed}, where="--seeds")
-    if args.minutes is not None and not 0 < args.minutes < 10_000:
-        raise CharlmError(f"--minutes must be a number of minutes > 0, got {args.minutes}")
-    from charlm.best import run_best
-    from charlm.plan import parse_duration
-
-    budget = parse_duration(args.budget) if args.budget else None
-    run_best(spec, tuple(args.seeds) if args.seeds else None, budget_s=budget, started_at=STARTED,
-             trial_number=args.trial, minutes=args.minutes)
+    api.best(args.sweep, seeds=args.seeds, storage=args.storage, budget=args.budget, text=args.text, trial=args.trial,
+             minutes=args.minutes, started_at=STARTED)
     return 0
 
 

@@ -346,7 +346,7 @@ class Loop:
     def persist(self) -> None:
         """What an evaluation writes. A run with a ``state_path`` (a sweep's trial, a ``best`` seed)
         saves its whole state, best weights included, so its checkpoint is written once, when the
-        run logs it (charlm/train.py ``log_best_model``); a run without one writes its checkpoint at
+        run logs it (charlm/trainer.py ``log_best_model``); a run without one writes its checkpoint at
         each new best, so a kill still leaves the best so far."""
         run, state = self.run, self.state
         if self.state_path is not None:

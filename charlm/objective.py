@@ -22,7 +22,7 @@ from charlm.search import compute_step
 from charlm.space import suggest
 from charlm.storage import Session, artifact_store
 from charlm.tracking import MlflowTracker, ui_runs_url
-from charlm.train import EvalEvent, RunResult, StopReason, train
+from charlm.trainer import EvalEvent, RunResult, StopReason, train
 
 ENQUEUED = "charlm.enqueued"  # user attribute and MLflow tag: where a queued trial's configuration came from
 PREVIEW = "preview_seconds"  # user attr: the rung-end previews' seconds, compute spent off the trial's clock

@@ -236,14 +236,14 @@ def flops_per_step(cfg: config.Config, vocab_size: int) -> float:
 def _run_for(cfg: config.Config, corpus):
     """The trainer's Run of ``cfg`` (its network alone), recorded nowhere."""
     from charlm.tracking import NullTracker
-    from charlm.train import setup
+    from charlm.trainer import setup
 
     return setup(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mix_order=0)), NullTracker(), corpus)
 
 
 def _time_steps(cfg: config.Config, corpus, seconds: float = 1.5):
     """Seconds per optimizer step of ``cfg`` on this machine, after one warm-up step: the median of
-    the trainer's own steps (charlm/train.py ``setup``, charlm/loop.py ``Loop.step``). Also returns
+    the trainer's own steps (charlm/trainer.py ``setup``, charlm/loop.py ``Loop.step``). Also returns
     the run, whose model the probe scores with."""
     from charlm.loop import Loop, TrainState
     from charlm.stopping import Patience

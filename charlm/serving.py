@@ -89,43 +89,25 @@ class CharlmModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        from charlm import checkpoint
+        from charlm.api import load
 
-        self.loaded = checkpoint.load(context.artifacts["checkpoint"])
+        self.model = load(context.artifacts["checkpoint"], "cpu")
 
     def predict(self, context, model_input, params=None):
         p = checked_params(params)
         prompts = prompts_of(model_input)
-        vocab = self.loaded.vocab
+        vocab = self.model.vocab
         for text in prompts:
             missing = vocab.unknown(text)
             if missing:
                 raise bad_request(f"character(s) {', '.join(repr(c) for c in missing[:10])} not in the "
                                   f"model's vocabulary of {len(vocab)} characters")
         if p["mode"] == "score":
-            return [self._score(text) for text in prompts]
-        return [self._generate(text, p) for text in prompts]
-
-    def _generate(self, prompt: str, p: dict) -> str:
-        import torch
-
-        from charlm.models import generate
-
-        vocab = self.loaded.vocab
-        ids = vocab.encode(prompt).tolist() if prompt else [vocab.index.get("\n", 0)]
-        gen = torch.Generator().manual_seed(int(p["seed"]))
-        out = generate(self.loaded.model, torch.tensor([ids]), int(p["chars"]), temperature=float(p["temperature"]),
-                       top_k=int(p["top_k"]) or None, generator=gen)
-        return vocab.decode(out[0, len(ids):].tolist())
-
-    def _score(self, text: str) -> float:
-        from charlm.evaluate import full_pass
-
-        if len(text) < 2:
-            raise bad_request("mode 'score' needs a prompt of at least 2 characters")
-        cfg = self.loaded.cfg
-        return full_pass(self.loaded.model, self.loaded.vocab.encode(text), cfg.train.eval_stride,
-                         cfg.train.eval_batch_size).loss
+            if any(len(text) < 2 for text in prompts):
+                raise bad_request("mode 'score' needs a prompt of at least 2 characters")
+            return [self.model.score(text) for text in prompts]
+        return [self.model.generate(text, int(p["chars"]), temperature=float(p["temperature"]),
+                                    top_k=int(p["top_k"]) or None, seed=int(p["seed"])) for text in prompts]
 
 
 def signature():

@@ -9,6 +9,7 @@
 - ``config.md``: every experiment key from the dataclasses of ``charlm/config.py`` (type, default,
   the reason beside it) with its valid range from ``charlm/bounds.py`` or its choices.
 - ``sweep-file.md``: every sweep-file section from ``charlm/sweepfile.py`` alike.
+- ``api.md``: the Python API of ``charlm/api.py``: signatures and docstrings.
 - In hand-written pages, a region between ``<!-- begin generated: NAME -->`` and
   ``<!-- end generated -->`` is rendered too (``stop-reasons``: ``StopReason`` of ``charlm/loop.py``).
 
@@ -206,6 +207,57 @@ def render_sweep_file() -> str:
     return "".join(out)
 
 
+# ----------------------------------------------------------------------------- the Python API
+
+
+def _doc(obj: object) -> str:
+    return re.sub(r":(func|class|meth):", "", inspect.cleandoc(obj.__doc__ or "").replace("``", "`"))
+
+
+def _signature(name: str, fn: Callable) -> str:
+    sig, parts = inspect.signature(fn), []
+    for p in sig.parameters.values():
+        if p.name == "self":
+            continue
+        if p.kind == p.KEYWORD_ONLY and "*" not in parts:
+            parts.append("*")
+        text = p.name + (f": {p.annotation}" if p.annotation is not p.empty else "")
+        parts.append(text + (f" = {p.default!r}" if p.default is not p.empty else ""))
+    returns = f" -> {sig.return_annotation}" if sig.return_annotation is not sig.empty else ""
+    return f"```python\n{name}({', '.join(parts)}){returns}\n```\n\n"
+
+
+def render_api() -> str:
+    import charlm
+    from charlm import api
+
+    example = re.search(r"\n\n    import charlm\n(.*?)\n\n", api.__doc__, re.S).group(1)
+    out = [HEADER, "# Python API\n\n",
+           "`import charlm` gives the four functions below; the command line (`python -m charlm`) calls the "
+           "same ones, so a script and a command do the same thing. Each raises `charlm.errors.CharlmError` "
+           "(one line naming the problem and the fix) where the command prints `error: ...` and exits 2.\n\n",
+           "```python\nimport charlm\n\n" + inspect.cleandoc(example).replace("\\\\n", "\\n") + "\n```\n"]
+    for name in charlm.__all__:
+        obj = getattr(charlm, name)
+        if inspect.isclass(obj):
+            continue
+        out += [f"\n## charlm.{name}\n\n", _signature(name, obj), _doc(obj) + "\n"]
+    for cls in (api.Trained, api.Retrained, api.Model):
+        out += [f"\n## {cls.__name__}\n\n", _doc(cls) + "\n"]
+        if dataclasses.is_dataclass(cls):
+            notes = field_notes(cls)
+            out.append("\n" + _table(["field", "what"], [[f"`{f.name}`", notes.get(f.name, "")]
+                                                          for f in dataclasses.fields(cls)]))
+        for meth, fn in inspect.getmembers(cls, lambda m: inspect.isfunction(m) or isinstance(m, property)):
+            if meth.startswith("_"):
+                continue
+            if isinstance(fn, property):
+                out.append(f"\n### .{meth}\n\n{_doc(fn)}\n")
+                continue
+            out += [f"\n### .{meth}\n\n", _signature(meth, fn), _doc(fn) + "\n"]
+    return "".join(out)
+
+
 # ----------------------------------------------------------------------------- regions in hand-written pages
 
 
@@ -221,7 +273,7 @@ def render_stop_reasons() -> str:
 
 
 PAGES: dict[str, Callable[[], str]] = {"reference/cli.md": render_cli, "reference/config.md": render_config,
-                                       "reference/sweep-file.md": render_sweep_file}
+                                       "reference/sweep-file.md": render_sweep_file, "reference/api.md": render_api}
 REGIONS: dict[str, Callable[[], str]] = {"stop-reasons": render_stop_reasons}
 
 

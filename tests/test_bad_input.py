@@ -20,7 +20,7 @@ from charlm.models import build_model
 from charlm.objective import _tell, trial_state
 from charlm.sweepfile import SweepError, load_sweep
 from charlm.tracking import NullTracker
-from charlm.train import StopReason, train
+from charlm.trainer import StopReason, train
 from helpers import ROOT, cli
 
 
@@ -304,7 +304,7 @@ def test_sweep_and_best_cli_refuse_before_writing(run_main, tmp_path):
 
 
 def test_a_trial_that_diverges_after_a_good_evaluation_completes_with_its_best_value(tiny_cfg, monkeypatch):
-    import charlm.train as train_mod
+    import charlm.trainer as train_mod
 
     runs = []
     setup = train_mod.setup

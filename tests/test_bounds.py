@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-import charlm.train as train_mod
+import charlm.trainer as train_mod
 from charlm import checkpoint, config
 from charlm.bounds import BOUNDS, TEXTS, Bound
 from charlm.config import ConfigError, is_int

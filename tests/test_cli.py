@@ -3,7 +3,7 @@ import subprocess
 import pytest
 
 from charlm.tracking import NullTracker
-from charlm.train import train
+from charlm.trainer import train
 from helpers import PYTHON, ROOT, cli
 
 

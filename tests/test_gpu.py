@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from charlm.tracking import NullTracker
-from charlm.train import train
+from charlm.trainer import train
 from helpers import PYTHON, ROOT
 
 pytestmark = pytest.mark.gpu
@@ -87,7 +87,7 @@ def test_a_state_saved_on_cuda_restores_the_gpus_random_stream(cuda_cfg, tmp_pat
     """Dropout on the GPU draws from the GPU's generator: a resumed run (a promoted trial, an
     interrupted seed) carries on its stream where the state was saved, not from the seed."""
     from charlm.loop import TrainState
-    from charlm.train import resume, setup
+    from charlm.trainer import resume, setup
 
     run = setup(cuda_cfg, NullTracker(), None)  # seeds every generator
     state = resume(run, None)

@@ -132,7 +132,7 @@ def test_ngram_is_a_normalised_kneser_ney_that_round_trips(tmp_path, tiny_text):
     from charlm import checkpoint
     from charlm.data import load_corpus
     from charlm.tracking import NullTracker
-    from charlm.train import train
+    from charlm.trainer import train
 
     cfg = config.load(ROOT / "experiments" / "ngram.yaml", [f"data.path={tiny_text}", "train.sample_chars=20"])
     corpus = load_corpus(cfg.data)
@@ -165,7 +165,7 @@ def test_mixture_trains_the_network_alone_then_fits_its_weight_on_val(tmp_path, 
     from charlm.data import load_corpus
     from charlm.models.mixture import Mixture
     from charlm.tracking import NullTracker
-    from charlm.train import train
+    from charlm.trainer import train
 
     # pinned to the CPU: it asserts that a reloaded model reproduces the run's full passes to 1e-9,
     # which one CPU does bit for bit; a GPU's kernels need not (this test failed on an H200)
@@ -215,7 +215,7 @@ def test_calibrate_reads_its_figures_from_the_scored_parts_not_the_gate_on_the_m
     from charlm import checkpoint
     from charlm.data import load_corpus
     from charlm.tracking import NullTracker
-    from charlm.train import train
+    from charlm.trainer import train
 
     cfg = config.override(tiny_cfg, {"model.mix_order": 4, "train.max_steps": 60, "train.device": "cpu"},
                           where="test")

@@ -147,7 +147,7 @@ def test_a_trial_in_flight_at_the_deadline_stops_at_its_next_evaluation_with_its
 
     from charlm.objective import run_trial
     from charlm.storage import storage_url
-    from charlm.sweep import prepare
+    from charlm.study import prepare
 
     doc = yaml.safe_load(SMOKE.read_text())
     doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
@@ -175,7 +175,7 @@ def test_a_trial_in_flight_at_the_deadline_stops_at_its_next_evaluation_with_its
 def test_best_names_the_retrain_budget_that_binds():
     # "retraining 1000000 steps" was printed for a retrain that a 6-minute clock ends
     from charlm import config
-    from charlm.best import budget_words
+    from charlm.retrain import budget_words
 
     clocked = config.override(config.Config(), {"train.max_steps": 1_000_000, "train.max_minutes": 6.5}, where="t")
     assert budget_words(clocked) == "6.50 minutes"

@@ -23,7 +23,7 @@ import charlm
 from charlm import checkpoint, serving
 from charlm.data import load_corpus
 from charlm.tracking import MlflowTracker
-from charlm.train import train
+from charlm.trainer import train
 from helpers import PYTHON, ROOT, SMOKE, cli, free_port, wait_for_http
 
 

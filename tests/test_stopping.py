@@ -3,7 +3,7 @@ import dataclasses
 
 from charlm.stopping import Patience
 from charlm.tracking import NullTracker
-from charlm.train import train
+from charlm.trainer import train
 
 
 def run(curve, patience, mri, interval=100):

@@ -19,7 +19,7 @@ from charlm.stopping import Patience
 from charlm.storage import open_storage
 from charlm.sweepfile import SweepError, load_sweep
 from charlm.tracking import NullTracker
-from charlm.train import train
+from charlm.trainer import train
 from helpers import PYTHON, ROOT, SMOKE, cli, free_port, journal_study, mlflow_runs
 
 # ----------------------------------------------------------------------------- validation
@@ -473,7 +473,7 @@ def test_best_without_a_completed_trial_is_a_clear_error(tmp_path):
 
 
 def test_values_fixed_under_a_condition_apply_to_trials_and_to_best():
-    from charlm.best import best_config
+    from charlm.retrain import best_config
     from charlm.space import suggest
 
     spec = load_sweep(SMOKE)

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from charlm import checkpoint, config
 from charlm.data import load_corpus
 from charlm.tracking import MlflowTracker, NullTracker
-from charlm.train import train
+from charlm.trainer import train
 from helpers import PYTHON
 
 PER_EVAL = ["train_loss", "val_loss", "val_perplexity", "val_bpc", "lr", "tokens_per_sec"]
@@ -203,7 +203,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_at_once_or_at_the_next_evaluati
     sync) and a NaN is caught at the next evaluation. Either way the run ends DIVERGED, and a run
     never keeps weights from after the divergence as its best."""
     from charlm.loop import Loop, LossMeter, StopReason
-    from charlm.train import resume, setup
+    from charlm.trainer import resume, setup
 
     t = dataclasses.replace(tiny_cfg.train, lr=1e6, warmup_steps=0, validation_interval=10)
     run = setup(dataclasses.replace(tiny_cfg, train=t), NullTracker(), None)
@@ -290,7 +290,7 @@ def test_a_state_saved_at_a_new_best_holds_the_weights_once_and_always_restores_
     import torch
 
     from charlm.loop import TrainState
-    from charlm.train import resume, setup
+    from charlm.trainer import resume, setup
 
     def weights(model):
         return {k: v.detach().clone() for k, v in model.state_dict().items()}

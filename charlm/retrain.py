@@ -27,7 +27,7 @@ from charlm.plan import CLOSE_S, MARGIN
 from charlm.storage import open_planned, storage_url
 from charlm.sweepfile import SweepSpec
 from charlm.tracking import MlflowTracker
-from charlm.train import train
+from charlm.trainer import train
 
 NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 
