@@ -42,14 +42,9 @@ def cmd_train(args) -> int:
 
 
 def _read_text_arg(path: str) -> str:
-    from charlm.data import DataError, read_text
+    from charlm.data import DataError, read_text, text_file
 
-    p = Path(path)
-    if p.is_dir():
-        raise DataError(f"Text file {path} is a folder; give --text a UTF-8 text file")
-    if not p.is_file():
-        raise DataError(f"Text file not found: {path}")
-    text = read_text(p)
+    text = read_text(text_file(path, "--text", "to score"))
     if len(text) < 2:
         raise DataError(f"Text file {path} has fewer than 2 characters; nothing to score")
     return text

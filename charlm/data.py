@@ -97,6 +97,16 @@ def download(url: str, dest: Path, sha256: str) -> Path:
             os.unlink(tmp)
 
 
+def text_file(path: str | Path, flag: str, purpose: str) -> Path:
+    """A text file a flag names (``--text``): a folder or a missing file is one line naming the flag."""
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"Text file {path} is a folder; give {flag} a UTF-8 text file")
+    if not p.is_file():
+        raise DataError(f"Text file not found: {path} ({flag} names the UTF-8 text {purpose})")
+    return p
+
+
 def read_text(path: Path) -> str:
     """A UTF-8 text file's contents; a folder, a binary file or bytes that are not UTF-8 are refused."""
     if path.is_dir():

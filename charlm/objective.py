@@ -80,7 +80,7 @@ def bracket_for(session: Session, trial: optuna.Trial, cfg: config.Config) -> in
     p = session.spec.pruner
     budgets = rung_budgets(p.min_seconds, p.reduction_factor, cfg.train.max_minutes * 60)
     drawn = promotion.bracket_of(trial.number, promotion.bracket_shares(budgets, p.reduction_factor, p.brackets))
-    first = first_bracket(cfg, drawn, budgets, session.spec.plan, session.deadline)
+    first = first_bracket(cfg, drawn, budgets, session.spec.plan, session.stop_at)
     if first is None and ENQUEUED in trial.user_attrs:  # the user's own default is never skipped: unjudged to the clock
         return p.brackets - 1
     return first
@@ -105,7 +105,7 @@ def climb(session: Session, trial: optuna.Trial, cfg: config.Config, tracker: Ml
     while True:
         top = k == len(budgets) - 1
         result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), state_path=state_path, progress=False,
-                       until=None if top else budgets[k], continued=k > first, stop_at=session.deadline)
+                       until=None if top else budgets[k], continued=k > first, stop_at=session.stop_at)
         if result.stop_reason is not StopReason.RUNG_END:
             return result, on_eval  # the top rung's end, its own patience, divergence
         mine = storage.get_trial(trial._trial_id).system_attrs
@@ -154,7 +154,7 @@ def run_trial(session: Session, trial: optuna.Trial, before: optuna.trial.Frozen
                 result, on_eval = climbed
             else:
                 on_eval = Reporter(trial)
-                result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), progress=False, stop_at=session.deadline)
+                result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), progress=False, stop_at=session.stop_at)
             show_in_dashboard(trial, tracker, result, spec.study.name)
             state = _close_run(tracker, result)
         return _tell(study, trial, result, state, on_eval.best)

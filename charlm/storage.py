@@ -38,7 +38,7 @@ class Session:
     worker: int = 0
     beats: dict = field(default_factory=dict)  # trial id -> (heartbeat seen, this process's monotonic time)
     experiment_id: str = ""  # the MLflow experiment, where the coordinator knows it
-    deadline: float | None = None  # epoch seconds: no trial starts a rung it cannot end before it; in flight, it stops
+    stop_at: float | None = None  # the plan's deadline (epoch s): a trial in flight stops there, none starts a rung past it
 
 
 def storage_url(spec: SweepSpec) -> str:

@@ -42,7 +42,7 @@ def prepare(spec: SweepSpec, url: str, started_at: float | None = None, warm_sta
             retune(study, spec)
         fresh = not study.get_trials(deepcopy=False)
         session = Session(spec, url, study, _parent_run(spec, url, study, exp_id), experiment_id=exp_id,
-                          deadline=spec.plan.study_deadline if spec.plan else None)
+                          stop_at=spec.plan.study_deadline if spec.plan else None)
         if spec.plan is not None:
             tracking.client().log_text(session.parent_run_id, spec.plan.describe() + "\n\n" + spec.plan.to_json(),
                                        "plan.txt")
@@ -182,8 +182,9 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None, star
         if spec.plan is not None:
             deadline = spec.plan.study_deadline
         threads_for(workers)
+        # in flight, only the plan's deadline stops a trial; timeout_min only stops new ones, as in the coordinator
         worker_loop(Session(spec, url, study, study.user_attrs["mlflow_parent_run_id"], worker_index,
-                            deadline=deadline), deadline)
+                            stop_at=spec.plan.study_deadline if spec.plan else None), deadline)
         return 0
 
     session = prepare(spec, url, started_at, warm_start)

@@ -229,12 +229,9 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
 
 
 def _text_path(text: str) -> str:
-    from charlm.data import DataError
+    from charlm.data import text_file
 
-    p = Path(text)
-    if not p.is_file():
-        raise DataError(f"Text file not found: {text} (--text / TEXT= names the UTF-8 text to model)")
-    return str(p.resolve())
+    return str(text_file(text, "--text / TEXT=", "to model").resolve())
 
 
 def _slug(stem: str) -> str:

@@ -159,7 +159,7 @@ def test_a_trial_in_flight_at_the_deadline_stops_at_its_next_evaluation_with_its
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     spec = load_sweep(path)
     session = prepare(spec, storage_url(spec))
-    session.deadline = time.time() + 6.0  # mid-trial: its clock (10 min) and its next evaluation are far off
+    session.stop_at = time.time() + 6.0  # mid-trial: its clock (10 min) and its next evaluation are far off
     trial = session.study.ask()
     t0 = time.time()
     state = run_trial(session, trial)
