@@ -93,7 +93,8 @@ def train(config: str | Path | Config, overrides: Mapping[str, Any] | Iterable[s
     if not track:
         from charlm.tracking import NullTracker
 
-        result = run(cfg, NullTracker(), corpus=corpus)
+        scratch = NullTracker()  # holds the checkpoint until keep() has copied it
+        result = run(cfg, scratch, corpus=corpus)
         return Trained(result, cfg, None, keep(result))
     from charlm.tracking import MlflowTracker
 
