@@ -68,44 +68,39 @@ class Bound:
         return text
 
 
-_POSITIVE = Bound(low=1)
+POSITIVE = Bound(low=1)
 _COUNT = Bound(low=0)
-_UNIT_OPEN = Bound(low=0, high=1, high_open=True)  # a rate that must stay below 1
+UNIT_OPEN = Bound(low=0, high=1, high_open=True)  # a rate that must stay below 1 (nn.Dropout(1) zeroes everything)
 _FRACTION = Bound(low=0, high=0.5, low_open=True, high_open=True, text="a fraction in (0, 0.5)")
 
 BOUNDS: dict[str, Bound] = {
-    "data.context": _POSITIVE,
+    "data.context": POSITIVE,
     "data.val_fraction": _FRACTION,
     "data.test_fraction": _FRACTION,
-    "model.n_embd": _POSITIVE,
-    "model.n_layer": _POSITIVE,
-    "model.n_head": _POSITIVE,  # and a divisor of model.n_embd (a check across keys, in validate)
-    "model.hidden": _POSITIVE,
-    "model.layers": _POSITIVE,
-    "model.dropout": _UNIT_OPEN,  # nn.Dropout(1) zeroes everything
+    # a model kind's own keys are bounded in its Config's field metadata (charlm/models/*.py)
     # the n-gram reads mix_order - 1 characters: no more than the network's context; 10 keeps
     # V ** order inside 64-bit ids for the usual alphabets (checked against the corpus too)
     "model.mix_order": Bound(low=0, high=10, high_key="data.context", high_offset=1),
     "train.threads": _COUNT,
     "train.seed": Bound(low=0, high=2**32 - 1),  # numpy and torch generators both take it
-    "train.batch_size": _POSITIVE,
+    "train.batch_size": POSITIVE,
     "train.lr": Bound(low=0, low_open=True),
     "train.min_lr_ratio": Bound(low=0, high=1),
     "train.decay_fraction": Bound(low=0, high=1, low_open=True),
     "train.warmup_steps": _COUNT,
     "train.weight_decay": Bound(low=0),
-    "train.beta1": _UNIT_OPEN,  # AdamW refuses 1.0
-    "train.beta2": _UNIT_OPEN,
+    "train.beta1": UNIT_OPEN,  # AdamW refuses 1.0
+    "train.beta2": UNIT_OPEN,
     "train.grad_clip": Bound(low=0),
-    "train.max_steps": _POSITIVE,
+    "train.max_steps": POSITIVE,
     "train.max_minutes": Bound(low=0),
-    "train.validation_interval": _POSITIVE,
+    "train.validation_interval": POSITIVE,
     "train.patience": _COUNT,
-    "train.min_relative_improvement": _UNIT_OPEN,
+    "train.min_relative_improvement": UNIT_OPEN,
     # an evaluation scores at least 2 characters; 0 means all of val
     "train.eval_chars": Bound(low=2, also=(0,), text="0 (all of val) or an integer >= 2"),
     "train.eval_stride": Bound(low=0, high_key="data.context"),
-    "train.eval_batch_size": _POSITIVE,
+    "train.eval_batch_size": POSITIVE,
     "train.sample_chars": _COUNT,
 }
 

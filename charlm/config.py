@@ -35,16 +35,32 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "gpt"  # gpt | ff | ngram; all obey forward(idx, targets=None) -> (logits, loss)
-    n_embd: int = 128  # width of character embeddings (and of the transformer residual stream)
-    n_layer: int = 4  # gpt: transformer blocks
-    n_head: int = 4  # gpt: attention heads; must divide n_embd
-    hidden: int = 512  # ff: width of each hidden layer
-    layers: int = 2  # ff: number of hidden layers (>= 1)
-    dropout: float = 0.0  # 1M characters overfit slowly at this size; sweeps tune it
-    bias: bool = False  # biases in linear/LayerNorm layers; off is slightly faster, no worse
-    tie_weights: bool = True  # share input embedding and output projection (fewer params)
+    """``kind`` and what every kind shares; the kind's own hyperparameters (``model.<key>``) are its
+    ``Config`` dataclass (charlm/models/base.py), held in ``params`` and read as ``cfg.model.<key>``."""
+
+    kind: str = "gpt"  # gpt | ff | ngram | rnn, or a plugin's import path module:Class (charlm/models/__init__.py)
     mix_order: int = 0  # > 0: interpolate with a Kneser-Ney n-gram of this order, gate fitted on val
+    params: Any = None  # the kind's Config instance; None = its defaults
+
+    def __post_init__(self):
+        if self.params is None:
+            object.__setattr__(self, "params", kind_config(self.kind)())
+
+    def __getattr__(self, name: str) -> Any:  # cfg.model.n_layer: the kind's own key
+        try:
+            params = object.__getattribute__(self, "params")
+        except AttributeError:
+            raise AttributeError(name) from None
+        if name in _fields(type(params)):
+            return getattr(params, name)
+        raise AttributeError(f"model kind {self.kind!r} has no key {name!r}")
+
+
+def kind_config(kind: str) -> type:
+    """The ``Config`` dataclass of a model kind (importing the kind's module; a plugin's too)."""
+    from charlm.models import kind_class
+
+    return kind_class(kind).Config
 
 
 @dataclass(frozen=True)
@@ -87,8 +103,9 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SHARED_MODEL_KEYS = ("kind", "mix_order")  # the model keys of every kind; the rest are the kind's own
+BUILTIN_KINDS = ("gpt", "ff", "ngram", "rnn")  # charlm/models/__init__.py BUILTIN
 CHOICES = {
-    "model.kind": ("gpt", "ff", "ngram"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.compile": ("auto", "true", "false"),
@@ -102,25 +119,38 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def all_keys() -> list[str]:
-    """Every dotted key a user may set, e.g. ``train.lr``."""
+def model_fields(kinds: Iterable[str] = BUILTIN_KINDS) -> dict[str, dataclasses.Field]:
+    """The own keys of these model kinds (by name; a key two kinds share holds one type in both)."""
+    out: dict[str, dataclasses.Field] = {}
+    for kind in kinds:
+        out.update({k: f for k, f in _fields(kind_config(kind)).items() if k not in out})
+    return out
+
+
+def all_keys(kinds: Iterable[str] = BUILTIN_KINDS) -> list[str]:
+    """Every dotted key a user may set, e.g. ``train.lr``; model keys of these kinds."""
     keys = []
     for name in _fields(Config):
-        if name in SECTIONS:
+        if name == "model":
+            keys += [f"model.{k}" for k in (*SHARED_MODEL_KEYS, *model_fields(kinds))]
+        elif name in SECTIONS:
             keys += [f"{name}.{k}" for k in _fields(SECTIONS[name])]
         else:
             keys.append(name)
     return keys
 
 
-def key_type(key: str) -> type:
+def key_type(key: str, kinds: Iterable[str] = BUILTIN_KINDS) -> type:
     """``int``, ``float``, ``str`` or ``bool``: the type a dotted key holds."""
     head, _, tail = key.partition(".")
+    if head == "model" and tail not in SHARED_MODEL_KEYS:
+        return _type_of(model_fields(kinds)[tail])
     return _type_of(_fields(SECTIONS[head])[tail] if tail else _fields(Config)[head])
 
 
-def unknown_key(key: str, where: str, error: type[CharlmError] = ConfigError) -> CharlmError:
-    return error(f"Unknown config key '{key}' in {where}{hint(key, all_keys(), 'known keys')}")
+def unknown_key(key: str, where: str, error: type[CharlmError] = ConfigError,
+                kinds: Iterable[str] = BUILTIN_KINDS) -> CharlmError:
+    return error(f"Unknown config key '{key}' in {where}{hint(key, all_keys(kinds), 'known keys')}")
 
 
 # The checks sweep files share (charlm/space.py, charlm/sweepfile.py)
@@ -180,23 +210,43 @@ def _type_of(f: dataclasses.Field) -> type:
     return _TYPES[f.type] if isinstance(f.type, str) else f.type
 
 
+def _kind(flat: Mapping[str, Any], where: Mapping[str, str]) -> str:
+    kind = _coerce("model.kind", flat.get("model.kind", ModelConfig.kind), str, where.get("model.kind", "config"))
+    _check(kind in BUILTIN_KINDS or ":" in kind, "model.kind", where,
+           f"a built-in kind ({' | '.join(BUILTIN_KINDS)}) or a plugin's import path module:Class", kind)
+    try:
+        kind_config(kind)
+    except ConfigError as e:
+        raise ConfigError(f"Config key 'model.kind' in {where.get('model.kind', 'config')}: {e}") from None
+    return kind
+
+
 def flat_to_config(flat: Mapping[str, Any], where: Mapping[str, str]) -> Config:
-    """Build a validated Config from dotted keys; ``where[key]`` says where each key came from."""
+    """Build a validated Config from dotted keys; ``where[key]`` says where each key came from.
+    A model key of another built-in kind is ignored (files set ff and gpt keys side by side)."""
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     top: dict[str, Any] = {}
+    kind = _kind(flat, where)
+    own, params = _fields(kind_config(kind)), {}
     for key, value in flat.items():
         src = where.get(key, "config")
         head, _, tail = key.partition(".")
-        if head in SECTIONS:
+        if head == "model" and tail not in SHARED_MODEL_KEYS:
+            if tail in own:
+                params[tail] = _coerce(key, value, _type_of(own[tail]), src)
+            elif tail not in model_fields():
+                raise unknown_key(key, src, kinds=(*BUILTIN_KINDS, kind))
+        elif head in SECTIONS:
             fields = _fields(SECTIONS[head])
-            if not tail or tail not in fields:
-                raise unknown_key(key, src)
+            if not tail or tail not in fields or tail == "params":
+                raise unknown_key(key, src, kinds=(*BUILTIN_KINDS, kind))
             sections[head][tail] = _coerce(key, value, _type_of(fields[tail]), src)
         else:
             fields = _fields(Config)
             if tail or head not in fields or head in SECTIONS:
-                raise unknown_key(key, src)
+                raise unknown_key(key, src, kinds=(*BUILTIN_KINDS, kind))
             top[head] = _coerce(key, value, _type_of(fields[head]), src)
+    sections["model"].update(kind=kind, params=kind_config(kind)(**params))
     cfg = Config(**{s: cls(**sections[s]) for s, cls in SECTIONS.items()}, **top)
     validate(cfg, where)
     return cfg
@@ -209,18 +259,27 @@ def _check(cond: bool, key: str, where: Mapping[str, str], expected: str, value:
 
 
 def validate(cfg: Config, where: Mapping[str, str] | None = None) -> None:
-    """Range and consistency checks that types alone cannot express (ranges: charlm/bounds.py)."""
+    """Range and consistency checks that types alone cannot express (ranges: charlm/bounds.py, or
+    a model kind's field metadata)."""
     w = where or {}
     flat = flatten(cfg)
     for key, choices in CHOICES.items():
         _check(flat[key] in choices, key, w, "one of " + " | ".join(choices), flat[key])
     for key, bound in BOUNDS.items():
-        _check(bound.admits(flat[key], flat), key, w, bound.describe(is_int(flat[key]), flat), flat[key])
+        if key in flat:
+            _check(bound.admits(flat[key], flat), key, w, bound.describe(is_int(flat[key]), flat), flat[key])
+    for name, f in _fields(type(cfg.model.params)).items():
+        key, value = f"model.{name}", flat[f"model.{name}"]
+        if "choices" in f.metadata:
+            _check(value in f.metadata["choices"], key, w, "one of " + " | ".join(f.metadata["choices"]), value)
+        if "bound" in f.metadata:
+            _check(f.metadata["bound"].admits(value, flat), key, w, f.metadata["bound"].describe(is_int(value), flat), value)
+    from charlm.models.base import KindConfig
+
+    if isinstance(cfg.model.params, KindConfig):
+        for name, expected, value in cfg.model.params.problems():
+            _check(False, f"model.{name}", w, expected, value)
     _check(bool(cfg.experiment.strip()), "experiment", w, TEXTS["experiment"], cfg.experiment)
-    _check(
-        cfg.model.n_embd % cfg.model.n_head == 0, "model.n_head", w,
-        f"a divisor of model.n_embd ({cfg.model.n_embd})", cfg.model.n_head,
-    )
     _check(
         not (cfg.model.mix_order and cfg.model.kind == "ngram"), "model.mix_order", w,
         "0 (off) when model.kind is ngram (a mixture needs a neural model)", cfg.model.mix_order,
@@ -235,11 +294,17 @@ def override(cfg: Config, values: Mapping[str, Any], where: str) -> Config:
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
-    """``{"data.context": 128, ..., "experiment": "charlm"}`` in declaration order."""
+    """``{"data.context": 128, ..., "experiment": "charlm"}`` in declaration order; the model's keys
+    are its kind, its own keys, then mix_order."""
     out: dict[str, Any] = {}
     for name in _fields(Config):  # getattr, not asdict: sweeps validate thousands of configs
         value = getattr(cfg, name)
-        if name in SECTIONS:
+        if name == "model":
+            params = value.params
+            out["model.kind"] = value.kind
+            out.update({f"model.{k}": getattr(params, k) for k in _fields(type(params))})
+            out["model.mix_order"] = value.mix_order
+        elif name in SECTIONS:
             out.update({f"{name}.{k}": getattr(value, k) for k in _fields(SECTIONS[name])})
         else:
             out[name] = value
@@ -247,8 +312,15 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """Nested plain-data form, for YAML artifacts and checkpoints."""
-    return dataclasses.asdict(cfg)
+    """Nested plain-data form, for YAML artifacts and checkpoints (the model's keys flat in its section)."""
+    out: dict[str, Any] = {}
+    for key, value in flatten(cfg).items():
+        head, _, tail = key.partition(".")
+        if tail:
+            out.setdefault(head, {})[tail] = list(value) if isinstance(value, tuple) else value
+        else:
+            out[head] = value
+    return out
 
 
 def from_dict(d: Mapping[str, Any], where: str = "checkpoint") -> Config:

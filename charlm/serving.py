@@ -140,6 +140,23 @@ def fluent_uri(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+def plugin_code(checkpoint_path: Path) -> list[str]:
+    """The top-level package or module of a plugin model's kind (``examples.my_model:MyModel`` ->
+    the folder ``examples``), logged beside charlm so the served model imports it too."""
+    import importlib.util
+
+    from charlm import checkpoint
+    from charlm.models import BUILTIN
+
+    kind = checkpoint.load(checkpoint_path).cfg.model.kind
+    if kind in BUILTIN:
+        return []
+    found = importlib.util.find_spec(kind.partition(":")[0].split(".")[0])
+    if found.submodule_search_locations:  # a package (a namespace package too): its folder
+        return [str(Path(next(iter(found.submodule_search_locations))))]
+    return [str(found.origin)]
+
+
 def log_model(run_id: str, checkpoint_path: Path, uri: str) -> str:
     """Log the checkpoint as a pyfunc model named ``model`` on ``run_id``; returns its model URI."""
     with tempfile.TemporaryDirectory(prefix="charlm-pyfunc-") as tmp, fluent_uri(uri), mlflow.start_run(run_id=run_id):
@@ -147,7 +164,7 @@ def log_model(run_id: str, checkpoint_path: Path, uri: str) -> str:
         entry.write_text(ENTRY)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(entry), artifacts={"checkpoint": str(checkpoint_path)},
-            code_paths=[str(PACKAGE)], signature=signature(), pip_requirements=requirements(),
+            code_paths=[str(PACKAGE), *plugin_code(checkpoint_path)], signature=signature(), pip_requirements=requirements(),
             input_example=({"prompt": ["ROMEO:"]}, {"chars": 40}))
     return info.model_uri
 

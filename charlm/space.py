@@ -36,10 +36,27 @@ def unknown(path: str, key: str, known: list[str]) -> SweepError:
     return SweepError(f"Unknown sweep key '{key}' in {path}{hint(key, known, 'expected one of')}")
 
 
-def config_key(path: str, key: Any, where: str) -> None:
+def sweep_kinds(path: str, doc: dict, base: config.Config) -> tuple[str, ...]:
+    """The model kinds a sweep file can train (the base's, ``fixed``'s, the space's choices) beside
+    the built-in ones: their own keys are the model keys the file may name."""
+    fixed, space = doc.get("fixed") or {}, doc.get("space") or {}
+    named = [base.model.kind, fixed.get("model.kind") if isinstance(fixed, dict) else None]
+    raw = space.get("model.kind") if isinstance(space, dict) else None
+    if isinstance(raw, dict) and isinstance(raw.get("choice"), list):
+        named += raw["choice"]
+    kinds = tuple(dict.fromkeys(k for k in named if isinstance(k, str) and k not in config.BUILTIN_KINDS))
+    for kind in kinds:
+        try:
+            config.kind_config(kind)
+        except ConfigError as e:
+            raise SweepError(f"{e} (named in {path})") from None
+    return (*config.BUILTIN_KINDS, *kinds)
+
+
+def config_key(path: str, key: Any, where: str, kinds: tuple[str, ...] = config.BUILTIN_KINDS) -> None:
     """A config key named in a sweep file (in ``fixed``, ``best.set`` or the space) must exist."""
-    if key not in config.all_keys() or "." not in str(key):
-        raise config.unknown_key(str(key), f"{path} ({where})", SweepError)
+    if key not in config.all_keys(kinds) or "." not in str(key):
+        raise config.unknown_key(str(key), f"{path} ({where})", SweepError, kinds)
 
 
 @dataclass(frozen=True)
@@ -96,9 +113,9 @@ class Param:
         raise SweepError(f"'{self.key}' is a continuous range; it has no finite list of values")
 
 
-def _param(path: str, key: str, raw: Any, when=None) -> Param:
+def _param(path: str, key: str, raw: Any, when=None, model_kinds: tuple[str, ...] = config.BUILTIN_KINDS) -> Param:
     where = f"space.{key}"
-    config_key(path, key, "space")
+    config_key(path, key, "space", model_kinds)
     if not isinstance(raw, dict):
         raise fail(path, where, "a mapping like {choice: [...]}, {int: [low, high]} or {float: [low, high]}", raw)
     kinds = [k for k in ("choice", "int", "float") if k in raw]
@@ -108,7 +125,7 @@ def _param(path: str, key: str, raw: Any, when=None) -> Param:
     if len(kinds) != 1:
         raise fail(path, where, "exactly one of choice, int or float", raw)
     kind = kinds[0]
-    typ = config.key_type(key)
+    typ = config.key_type(key, model_kinds)
     if kind != "choice" and typ not in (int, float):
         raise fail(path, where, f"a choice: {key} holds a {typ.__name__}, not a number", raw)
     if kind == "float" and typ is int:  # Optuna would propose 2.5 and every trial would fail
@@ -167,7 +184,7 @@ def _condition(path: str, text: str, params: dict[str, Param]) -> tuple[str, tup
     return key, values
 
 
-def parse_space(path: str, raw_space: Any, fixed: dict) -> tuple[Param, ...]:
+def parse_space(path: str, raw_space: Any, fixed: dict, kinds: tuple[str, ...] = config.BUILTIN_KINDS) -> tuple[Param, ...]:
     """The ``space:`` mapping -> parameters, unconditional ones first."""
     if not isinstance(raw_space, dict) or not raw_space:
         raise fail(path, "space", "a non-empty mapping of config keys to parameter specs", raw_space)
@@ -177,7 +194,7 @@ def parse_space(path: str, raw_space: Any, fixed: dict) -> tuple[Param, ...]:
             continue
         if k in fixed:
             raise SweepError(f"'{k}' in {path} is both fixed and searched; keep it in one place")
-        params[k] = _param(path, str(k), v)
+        params[k] = _param(path, str(k), v, model_kinds=kinds)
     when = raw_space.get("when") or {}
     if not isinstance(when, dict):
         raise fail(path, "space.when", "a mapping of conditions to parameter specs", when)
@@ -187,16 +204,16 @@ def parse_space(path: str, raw_space: Any, fixed: dict) -> tuple[Param, ...]:
         if not isinstance(sub, dict) or not sub:
             raise fail(path, f"space.when.{cond}", "a non-empty mapping of config keys to parameter specs", sub)
         for k, v in sub.items():
-            conditional.append(_conditional(path, str(k), v, cond, (ckey, cvals), params, fixed, conditional))
+            conditional.append(_conditional(path, str(k), v, cond, (ckey, cvals), params, fixed, conditional, kinds))
     return tuple(params.values()) + tuple(conditional)
 
 
 def _conditional(path: str, k: str, v: Any, cond: str, when: tuple, params: dict, fixed: dict,
-                 seen: list[Param]) -> Param:
+                 seen: list[Param], kinds: tuple[str, ...]) -> Param:
     if isinstance(v, dict):
-        p = _param(path, k, v, when=when)
+        p = _param(path, k, v, when=when, model_kinds=kinds)
     else:  # a plain value: fixed for the trials that meet the condition
-        _param(path, k, {"choice": [v]})  # same key checks as a searched parameter
+        _param(path, k, {"choice": [v]}, model_kinds=kinds)  # same key checks as a searched parameter
         p = Param(k, "fixed", choices=(v,), when=when)
     if k in params:
         raise SweepError(f"'{k}' in {path} is searched both unconditionally and under '{cond}'; keep it in one place")
@@ -233,8 +250,9 @@ def check_corners(spec: SweepSpec) -> None:
                 _try(spec, base, values, p.key)
         # every (n_head, n_embd) pair the branch can propose must divide
         where = f"{spec.path} (space)"
-        heads = _candidates(active, base, "model.n_head", where)
-        widths = _candidates(active, base, "model.n_embd", where)
+        gpt = config.kind_config("gpt")()  # a base of another kind holds no heads: the gpt defaults
+        heads = _candidates(active, base, "model.n_head", where, gpt.n_head)
+        widths = _candidates(active, base, "model.n_embd", where, gpt.n_embd)
         kind = _candidates(active, base, "model.kind", where) if not branch or branch[0] != "model.kind" else list(branch[1])
         if "gpt" in kind:
             for h, w in itertools.product(heads, widths):
@@ -250,7 +268,7 @@ def _low(p: Param):
     return p.choices[0] if p.kind in ("choice", "fixed") else p.low
 
 
-def _candidates(active: list[Param], base: config.Config, key: str, where: str) -> list:
+def _candidates(active: list[Param], base: config.Config, key: str, where: str, default: Any = None) -> list:
     """The values ``key`` can take in a branch, as the config reads them ('192' is 192)."""
     for p in active:
         if p.key == key:
@@ -262,7 +280,7 @@ def _candidates(active: list[Param], base: config.Config, key: str, where: str) 
                 return [config.coerce(key, v, where) for v in values]
             except ConfigError as e:
                 raise SweepError(str(e)) from None
-    return [config.flatten(base)[key]]
+    return [config.flatten(base).get(key, default)]
 
 
 def _try(spec: SweepSpec, base: config.Config, values: dict, key: str) -> None:

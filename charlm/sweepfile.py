@@ -16,7 +16,7 @@ from typing import Any
 from charlm import config, paths
 from charlm.config import ConfigError, is_int, is_number
 from charlm.promotion import rung_budgets
-from charlm.space import Param, SweepError, check_corners, config_key, fail, parse_space, suggest, unknown
+from charlm.space import Param, SweepError, check_corners, config_key, fail, parse_space, suggest, sweep_kinds, unknown
 
 SAMPLERS = ("tpe", "random", "grid")
 GRID_MAX = 100_000  # values of one key a grid lists; more is a typo, and would fill the memory
@@ -113,7 +113,7 @@ _CHOICES = {"study.direction": ("minimize", "maximize"), "study.metric": ("val_l
             "sampler.type": SAMPLERS, "pruner.type": PRUNERS, "pruner.reference": REFERENCES}
 
 
-def _section(path: str, name: str, raw: Any, cls, required: tuple[str, ...] = ()):
+def _section(path: str, name: str, raw: Any, cls, required: tuple[str, ...] = (), kinds: tuple[str, ...] = ()):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -148,7 +148,7 @@ def _section(path: str, name: str, raw: Any, cls, required: tuple[str, ...] = ()
             if not isinstance(v, dict):
                 raise fail(path, key, "a mapping of config keys to values", v)
             for ck in v:
-                config_key(path, ck, key)
+                config_key(path, ck, key, kinds or config.BUILTIN_KINDS)
             v = dict(v)
         elif typ.startswith("tuple"):
             if not isinstance(v, list) or not v or not all(is_int(x) for x in v):
@@ -195,10 +195,14 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
         raise fail(path, "pruner.min_trials", "an integer >= 1", pruner.min_trials)
     if not 0 <= pruner.warmup_seconds < math.inf:
         raise fail(path, "pruner.warmup_seconds", "a number of seconds >= 0", pruner.warmup_seconds)
-    best = _section(path, "best", doc.get("best"), BestSpec)
+    base = _experiment_path(path, "base", doc.get("base"))
+    try:
+        kinds = sweep_kinds(path, doc, config.load(base) if base else config.Config())
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
+    best = _section(path, "best", doc.get("best"), BestSpec, kinds=kinds)
     if best.budget_multiplier <= 0:
         raise fail(path, "best.budget_multiplier", "a number > 0", best.budget_multiplier)
-    base = _experiment_path(path, "base", doc.get("base"))
     baseline = _experiment_path(path, "baseline", doc.get("baseline"))
     if baseline:
         try:
@@ -209,8 +213,8 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
     if not isinstance(fixed, dict):
         raise fail(path, "fixed", "a mapping of config keys to values", fixed)
     for k in fixed:
-        config_key(path, k, "fixed")
-    space = parse_space(path, doc.get("space"), fixed)
+        config_key(path, k, "fixed", kinds)
+    space = parse_space(path, doc.get("space"), fixed, kinds)
     if sampler.type == "grid":
         _grid_ready(path, space)
     hand = {f"{name}.{k}" for name in _SECTIONS for k in (doc.get(name) or {})} & set(PLANNED)

@@ -128,6 +128,10 @@ def _range(key: str, typ: type) -> str:
     from charlm.bounds import BOUNDS, TEXTS
     from charlm.config import CHOICES
 
+    if key == "model.kind":
+        from charlm.models import BUILTIN
+
+        return " | ".join(f"`{c}`" for c in BUILTIN) + ", or a plugin's `module:Class`"
     if key in CHOICES:
         return " | ".join(f"`{c}`" for c in CHOICES[key])
     if key in TEXTS:
@@ -157,14 +161,40 @@ def render_config(sections: dict[str, type] | None = None) -> str:
                       [[f"`{f.name}`", f.type, _shown(_default(f)), _range(f.name, config.key_type(f.name)), notes.get(f.name, "")]
                        for f in top]))
     for name, cls in sections.items():
-        notes = field_notes(cls)
-        rows = []
-        for f in dataclasses.fields(cls):
-            key = f"{name}.{f.name}"
-            typ = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, str)
-            rows.append([f"`{key}`", f.type, _shown(_default(f)), _range(key, typ), notes.get(f.name, "")])
-        out += [f"\n## {name}\n\n", _table(["key", "type", "default", "valid", "why"], rows)]
+        out += [f"\n## {name}\n\n", _key_table(name, cls, skip=("params",))]
+        if name == "model":
+            out.append("\nEach kind has its own keys, a frozen dataclass beside its model (`Config`): "
+                       "set `model.<key>` for the kind you train; a key of another built-in kind is "
+                       "ignored. A plugin kind, `model.kind: mypackage.mymodule:MyModel`, declares its own "
+                       "the same way ([bring your own model](../how-to/own-model.md)).\n")
+            from charlm.models import BUILTIN, kind_class
+
+            for kind in BUILTIN:
+                cls_ = kind_class(kind)
+                out += [f"\n### model.kind: {kind}\n\n",
+                        _key_table("model", cls_.Config) if dataclasses.fields(cls_.Config) else
+                        (_doc(cls_.Config) or "No keys of its own.") + "\n"]
     return "".join(out)
+
+
+def _key_table(section: str, cls: type, skip: tuple[str, ...] = ()) -> str:
+    notes, rows = field_notes(cls), []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        key = f"{section}.{f.name}"
+        typ = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, str)
+        valid = _range(key, typ) or _metadata_range(f, typ)
+        rows.append([f"`{key}`", f.type, _shown(_default(f)), valid, notes.get(f.name, "")])
+    return _table(["key", "type", "default", "valid", "why"], rows)
+
+
+def _metadata_range(f: dataclasses.Field, typ: type) -> str:
+    if "choices" in f.metadata:
+        return " | ".join(f"`{c}`" for c in f.metadata["choices"])
+    if "bound" in f.metadata:
+        return f.metadata["bound"].describe(typ is int, {})
+    return ""
 
 
 # ----------------------------------------------------------------------------- sweep file

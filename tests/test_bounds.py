@@ -1,14 +1,16 @@
 """Every config key's validation bounds are exactly what the code consuming it accepts.
 
-From the one table (charlm/bounds.py) each numeric key gets its boundary values (the bound, just
-inside, just outside). Validation must accept exactly the in-bound ones, and the consuming code
-(model, optimizer, training steps, an evaluation, the final full passes, a sample) must run on
-every in-bound one without raising, for each model kind the key matters to. A key added to the
-config without a bound, a choice list or a text rule fails ``test_every_key_has_a_rule``.
+From the one table (charlm/bounds.py), and each built-in model kind's own keys (their Config's field
+metadata), each numeric key gets its boundary values (the bound, just inside, just outside).
+Validation must accept exactly the in-bound ones, and the consuming code (model, optimizer,
+training steps, an evaluation, the final full passes, a sample) must run on every in-bound one
+without raising, for each model kind the key matters to. A key added to the config without a
+bound, a choice list or a text rule fails ``test_every_key_has_a_rule``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -19,10 +21,24 @@ from charlm import checkpoint, config
 from charlm.bounds import BOUNDS, TEXTS, Bound
 from charlm.config import ConfigError, is_int
 from charlm.data import load_corpus
+from charlm.models import BUILTIN, kind_class
 from charlm.tracking import NullTracker
 
-KINDS_OF = {  # which model kinds consume a key (default: the two trained ones)
-    "model.n_layer": ("gpt",), "model.n_head": ("gpt",), "model.hidden": ("ff",), "model.layers": ("ff",),
+
+def _model_bounds() -> dict[str, tuple[Bound, tuple[str, ...]]]:
+    """model.<key> -> (its bound, the built-in kinds that declare it): one bound per key name."""
+    out: dict[str, tuple[Bound, tuple[str, ...]]] = {}
+    for kind in BUILTIN:
+        for f in dataclasses.fields(kind_class(kind).Config):
+            if "bound" in f.metadata:
+                bound, kinds = out.get(f"model.{f.name}", (f.metadata["bound"], ()))
+                assert bound == f.metadata["bound"], f"model.{f.name} is bounded differently by two kinds"
+                out[f"model.{f.name}"] = (bound, (*kinds, kind))
+    return out
+
+
+MODEL_BOUNDS = _model_bounds()
+KINDS_OF = {  # which model kinds consume a shared key (default: the two trained ones)
     **{k: ("gpt", "ff", "ngram") for k in (
         "data.context", "data.val_fraction", "data.test_fraction", "train.seed", "train.threads",
         "train.eval_chars", "train.eval_batch_size", "train.sample_chars")},
@@ -36,11 +52,22 @@ BASE = ["data.context=8", "model.n_layer=1", "model.n_head=1", "model.n_embd=8",
 
 
 def test_every_key_has_a_rule():
+    own = {}
+    for kind in BUILTIN:
+        own.update({f"model.{f.name}": f for f in dataclasses.fields(kind_class(kind).Config)})
     for key in config.all_keys():
         typ = config.key_type(key)
-        rules = [key in BOUNDS, key in config.CHOICES, key in TEXTS, typ is bool]
-        assert sum(rules) == 1, f"{key} needs exactly one rule: a bound (charlm/bounds.py), a choice list or a text rule"
-        assert (key in BOUNDS) == (typ in (int, float)), f"{key}: bounds are for numeric keys"
+        if key == "model.kind":
+            continue  # a name the registry resolves (charlm/models/__init__.py), tested in test_models
+        if key in own:
+            meta = own[key].metadata
+            rules = ["bound" in meta, "choices" in meta, typ is bool]
+            where = "the field metadata of its kind's Config (charlm/models/)"
+        else:
+            rules = [key in BOUNDS, key in config.CHOICES, key in TEXTS, typ is bool]
+            where = "charlm/bounds.py or config.CHOICES"
+        assert sum(rules) == 1, f"{key} needs exactly one rule (a bound, a choice list or a text rule) in {where}"
+        assert rules[0] == (typ in (int, float)), f"{key}: bounds are for numeric keys"
     assert set(BOUNDS) | set(config.CHOICES) | set(TEXTS) <= set(config.all_keys())
 
 
@@ -86,28 +113,27 @@ def fast_train(monkeypatch, tmp_path):
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("key", sorted(BOUNDS))
+@pytest.mark.parametrize("key", sorted({**BOUNDS, **MODEL_BOUNDS}))
 def test_bounds_match_what_the_consuming_code_accepts(key, small_text, fast_train):
-    bound = BOUNDS[key]
-    bases = [config.load(None, [f"data.path={small_text}", *BASE])]
-    if bound.high_key:  # a bound tied to another key: check it at other values of that key too
-        bases += [config.override(bases[0], {bound.high_key: n}, where="test") for n in (4, 12)]
+    bound, kinds = MODEL_BOUNDS[key] if key in MODEL_BOUNDS else (BOUNDS[key], KINDS_OF.get(key, ("gpt", "ff")))
     checked = 0
-    for base in bases:
-        flat = config.flatten(base)
-        for v in boundary_values(bound, is_int(flat[key]), flat):
-            try:
-                cfg = config.override(base, {key: v}, where="test")
-            except ConfigError as e:
-                assert not inside(bound, v, flat), f"{key}={v!r} is inside the table's bound but refused: {e}"
-                assert f"'{key}'" in str(e) and "\n" not in str(e)
-                continue
-            assert inside(bound, v, flat), f"{key}={v!r} is outside the table's bound but accepted"
-            for kind in KINDS_OF.get(key, ("gpt", "ff")):
+    for kind in kinds:
+        bases = [config.load(None, [f"data.path={small_text}", *BASE, f"model.kind={kind}"])]
+        if bound.high_key:  # a bound tied to another key: check it at other values of that key too
+            bases += [config.override(bases[0], {bound.high_key: n}, where="test") for n in (4, 12)]
+        for base in bases:
+            flat = config.flatten(base)
+            for v in boundary_values(bound, is_int(flat[key]), flat):
+                try:
+                    cfg = config.override(base, {key: v}, where="test")
+                except ConfigError as e:
+                    assert not inside(bound, v, flat), f"{key}={v!r} is inside the bound but refused for {kind}: {e}"
+                    assert f"'{key}'" in str(e) and "\n" not in str(e)
+                    continue
+                assert inside(bound, v, flat), f"{key}={v!r} is outside the bound but accepted for {kind}"
                 if kind == "ngram" and cfg.model.mix_order:
                     continue  # refused across keys (a mixture needs a neural model); tested in test_bad_input
-                kind_cfg = config.override(cfg, {"model.kind": kind}, where="test")
-                result = fast_train(kind_cfg)  # raises if the consuming code refuses the value
+                result = fast_train(cfg)  # raises if the consuming code refuses the value
                 assert result.steps >= 1 or kind == "ngram"
                 assert math.isfinite(result.best_val_loss), (key, v, kind)
                 checked += 1

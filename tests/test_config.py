@@ -68,7 +68,7 @@ def test_int_key_rejects_fraction(tmp_path):
 
 @pytest.mark.parametrize("text,key,expected", [
     ("data: {context: 0}", "data.context", "an integer >= 1"),
-    ("model: {kind: rnn}", "model.kind", "one of gpt | ff | ngram"),
+    ("model: {kind: rnnn}", "model.kind", "a built-in kind (gpt | ff | ngram | rnn) or a plugin's import path module:Class"),
     ("model: {n_embd: 100, n_head: 3}", "model.n_head", "a divisor of model.n_embd (100)"),
     ("model: {dropout: 1.5}", "model.dropout", "a number in [0, 1)"),
     ("train: {lr: -1}", "train.lr", "a number > 0"),

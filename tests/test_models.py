@@ -9,35 +9,69 @@ from charlm.models import build_model, generate
 from helpers import ROOT
 
 V = 65
+PLUGIN = "examples.my_model:MyModel"  # a model outside charlm, in the user's own file
 KINDS = {
     "gpt": ["model.kind=gpt", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "data.context=24"],
     "ff": ["model.kind=ff", "model.n_embd=16", "model.hidden=64", "model.layers=2", "data.context=8"],
+    "rnn": ["model.kind=rnn", "model.n_embd=16", "model.hidden=64", "model.layers=2", "data.context=24"],
+    "ngram": ["model.kind=ngram", "data.context=3"],
+    PLUGIN: [f"model.kind={PLUGIN}", "model.channels=16", "model.depth=3", "data.context=24"],
 }
+
+
+@pytest.fixture(autouse=True)
+def _plugins_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # as `python -m charlm` run from the checkout's root has it
 
 
 def make(kind, *extra):
     cfg = config.load(None, KINDS[kind] + list(extra))
     torch.manual_seed(0)
-    return build_model(cfg, V), cfg
+    model = build_model(cfg, V)
+    model.fit(torch.randint(V, (2000,)))  # a count model counts; a network does nothing
+    return model, cfg
+
+
+def first_peek(model, T: int = 24) -> int | None:
+    """The first position whose logits move when only later ids change (None: the model is causal)."""
+    model.eval()
+    idx = torch.randint(V, (3, T))
+    logits, _ = model(idx)
+    for t in range(T - 1):
+        changed = idx.clone()
+        changed[:, t + 1:] = torch.randint(V, (3, T - t - 1))
+        if not torch.equal(model(changed)[0][:, : t + 1], logits[:, : t + 1]):
+            return t
+    return None
+
+
+def test_every_registered_kind_and_a_plugin_are_covered_by_the_causality_test():
+    from charlm.models import BUILTIN
+
+    assert set(BUILTIN) | {PLUGIN} == set(KINDS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_causal_future_characters_never_change_earlier_logits(kind):
-    model, cfg = make(kind, "model.dropout=0.0")
-    model.eval()
-    T = 24
-    idx = torch.randint(V, (3, T))
-    logits, _ = model(idx)
-    assert logits.shape == (3, T, V)
-    for t in range(T - 1):
-        changed = idx.clone()
-        changed[:, t + 1:] = torch.randint(V, (3, T - t - 1))
-        after, _ = model(changed)
-        assert torch.equal(after[:, : t + 1], logits[:, : t + 1]), f"position {t} saw the future"
+    model, cfg = make(kind, *(() if kind == "ngram" else ("model.dropout=0.0",)))
+    idx = torch.randint(V, (3, 24))
+    logits, _ = model.eval()(idx)
+    assert logits.shape == (3, 24, V)
+    assert first_peek(model) is None
     # and the logits at t do depend on idx[t] itself (the model is not blind)
     changed = idx.clone()
     changed[:, 5] = (changed[:, 5] + 1) % V
     assert not torch.allclose(model(changed)[0][:, 5], logits[:, 5])
+
+
+def test_the_causality_check_catches_a_model_that_peeks_one_position_ahead():
+    model, _ = make("gpt", "model.dropout=0.0")
+
+    class Peeking(torch.nn.Module):
+        def forward(self, idx, targets=None):
+            return model(torch.cat([idx[:, 1:], idx[:, -1:]], dim=1))  # position t reads t + 1
+
+    assert first_peek(Peeking()) == 0
 
 
 def test_ff_reads_exactly_its_context_window():
@@ -54,7 +88,10 @@ def test_ff_reads_exactly_its_context_window():
     assert not torch.allclose(model(changed)[0][:, 20], logits[:, 20])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+NETWORKS = ["gpt", "ff", "rnn"]  # the kinds trained by gradient that charlm ships
+
+
+@pytest.mark.parametrize("kind", NETWORKS)
 def test_loss_at_init_is_about_ln_vocab(kind):
     model, _ = make(kind)
     idx = torch.randint(V, (8, 24))
@@ -62,7 +99,7 @@ def test_loss_at_init_is_about_ln_vocab(kind):
     assert abs(loss.item() - math.log(V)) < 0.1
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", NETWORKS)
 def test_tiny_model_overfits_one_batch(kind):
     model, _ = make(kind)
     x = torch.randint(V, (4, 24))

@@ -1,24 +1,52 @@
-"""Model registry: ``model.kind`` -> class, each a CharModel (models/base.py) built from
-(ModelConfig, vocab_size, context), so nothing else branches on kind."""
+"""Model registry: ``model.kind`` -> its class, a CharModel (models/base.py) built from (its own
+Config, vocab_size, context), so nothing else branches on kind. A kind is a built-in name or a
+plugin's import path, ``module:Class`` (a user's own file or package, importable from here)."""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
 
 import torch
 import torch.nn as nn
 
 from charlm.config import Config, ConfigError
-from charlm.models.ff import FeedForward
-from charlm.models.gpt import GPT
+from charlm.models.base import CharModel
 from charlm.models.mixture import Mixture
 from charlm.models.ngram import NGram
 
-REGISTRY: dict[str, type[nn.Module]] = {"gpt": GPT, "ff": FeedForward, "ngram": NGram}
+BUILTIN = {"gpt": "charlm.models.gpt:GPT", "ff": "charlm.models.ff:FeedForward", "ngram": "charlm.models.ngram:NGram",
+           "rnn": "charlm.models.rnn:RNN"}
+
+
+@functools.cache
+def kind_class(kind: str) -> type[CharModel]:
+    """``model.kind`` -> its class; one line naming the module or the class where it cannot be used."""
+    path = BUILTIN.get(kind, kind)
+    module, sep, name = path.partition(":")
+    if not (sep and module and name):
+        raise ConfigError(f"Model kind {kind!r} is neither a built-in kind ({' | '.join(BUILTIN)}) nor a plugin's "
+                          "import path module:Class")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 -- a user's module may raise anything on import
+        raise ConfigError(f"Model kind {kind!r}: module '{module}' does not import ({type(e).__name__}: {e}); "
+                          "run from the folder that holds it, or install it") from None
+    cls = getattr(mod, name, None)
+    if cls is None:
+        raise ConfigError(f"Model kind {kind!r}: module '{module}' has no '{name}'")
+    if not (isinstance(cls, type) and issubclass(cls, CharModel)):
+        raise ConfigError(f"Model kind {kind!r} is not a CharModel: subclass charlm.models.base.CharModel")
+    if not (dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen):
+        raise ConfigError(f"Model kind {kind!r}: its Config must be a frozen dataclass of its hyperparameters")
+    return cls
 
 
 def build_model(cfg: Config, vocab_size: int) -> nn.Module:
-    model = REGISTRY[cfg.model.kind](cfg.model, vocab_size, cfg.data.context)
+    model = kind_class(cfg.model.kind)(cfg.model.params, vocab_size, cfg.data.context)
     if cfg.model.mix_order:  # the n-gram reads mix_order - 1 characters of history
-        return Mixture(model, NGram(cfg.model, vocab_size, cfg.model.mix_order - 1))
+        return Mixture(model, NGram(NGram.Config(), vocab_size, cfg.model.mix_order - 1))
     return model
 
 

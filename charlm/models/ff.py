@@ -12,18 +12,31 @@ window is exactly a 1-D convolution of kernel ``context`` over the embedded sequ
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from charlm.config import ModelConfig
-from charlm.models.base import CharModel
+from charlm.bounds import POSITIVE, UNIT_OPEN
+from charlm.models.base import CharModel, KindConfig
 
 EVAL_CHUNK = 2048  # positions scored per full-pass window; any size gives the same numbers
 
 
+@dataclass(frozen=True)
+class FFConfig(KindConfig):
+    n_embd: int = field(default=128, metadata={"bound": POSITIVE})  # width of each character's embedding (context of them per window)
+    hidden: int = field(default=512, metadata={"bound": POSITIVE})  # width of each hidden layer
+    layers: int = field(default=2, metadata={"bound": POSITIVE})  # hidden layers
+    dropout: float = field(default=0.0, metadata={"bound": UNIT_OPEN})  # sweeps tune it
+    bias: bool = False  # biases in the window and hidden layers; off is slightly faster, no worse
+
+
 class FeedForward(CharModel):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, context: int):
+    Config = FFConfig
+
+    def __init__(self, cfg: FFConfig, vocab_size: int, context: int):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from charlm.config import ModelConfig
-from charlm.models.base import CharModel
+from charlm.bounds import POSITIVE, UNIT_OPEN
+from charlm.models.base import CharModel, KindConfig
+
+
+@dataclass(frozen=True)
+class GPTConfig(KindConfig):
+    n_embd: int = field(default=128, metadata={"bound": POSITIVE})  # width of character embeddings and of the residual stream
+    n_layer: int = field(default=4, metadata={"bound": POSITIVE})  # transformer blocks
+    n_head: int = field(default=4, metadata={"bound": POSITIVE})  # attention heads; must divide n_embd (problems)
+    dropout: float = field(default=0.0, metadata={"bound": UNIT_OPEN})  # 1M characters overfit slowly at this size; sweeps tune it
+    bias: bool = False  # biases in linear/LayerNorm layers; off is slightly faster, no worse
+    tie_weights: bool = True  # share input embedding and output projection (fewer params)
+
+    def problems(self) -> list[tuple[str, str, object]]:
+        return [] if self.n_embd % self.n_head == 0 else [("n_head", f"a divisor of model.n_embd ({self.n_embd})",
+                                                            self.n_head)]
 
 
 class LayerNorm(nn.Module):
@@ -25,7 +40,7 @@ class LayerNorm(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
@@ -45,7 +60,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
@@ -56,7 +71,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.ln1 = LayerNorm(cfg.n_embd, cfg.bias)
         self.attn = CausalSelfAttention(cfg)
@@ -69,7 +84,9 @@ class Block(nn.Module):
 
 
 class GPT(CharModel):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, context: int):
+    Config = GPTConfig
+
+    def __init__(self, cfg: GPTConfig, vocab_size: int, context: int):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size

@@ -13,18 +13,26 @@ unseen context h. The sparse counts are buffers, so they travel in the checkpoin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlm.config import ModelConfig
-from charlm.models.base import CharModel
+from charlm.models.base import CharModel, KindConfig
 
 EVAL_CHUNK = 2048
 
 
+@dataclass(frozen=True)
+class NGramConfig(KindConfig):
+    """No hyperparameters of its own: its order is data.context + 1 (or a mixture's model.mix_order)."""
+
+
 class NGram(CharModel):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, context: int):
+    Config = NGramConfig
+
+    def __init__(self, cfg: NGramConfig, vocab_size: int, context: int):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
