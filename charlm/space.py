@@ -242,7 +242,11 @@ def check_corners(spec: SweepSpec) -> None:
     for branch in branches:
         active = [p for p in spec.space if p.when is None or p.when == branch]
         for p in active:
-            for v in [p.low, p.high] if p.kind == "float" and not p.step else p.few_values():
+            if branch and p.key == branch[0]:  # in a branch, its condition's key takes the branch's values only
+                corners = list(branch[1])
+            else:
+                corners = [p.low, p.high] if p.kind == "float" and not p.step else p.few_values()
+            for v in corners:
                 values = {q.key: _low(q) for q in active}
                 if branch:
                     values[branch[0]] = branch[1][0]

@@ -70,6 +70,16 @@ def test_a_sweep_searches_a_plugin_key_and_refuses_a_misspelt_one(tmp_path, monk
     assert [p.key for p in spec.space][0] == "model.depth"
     cfg = spec.trial_config({"model.depth": 3, "train.lr": 0.003}, 0)
     assert cfg.model.kind == PLUGIN and cfg.model.depth == 3 and cfg.model.channels == 32
+    # beside the built-in kinds, the plugin's keys under its own condition
+    both = tmp_path / "both.yaml"
+    both.write_text((ROOT / "sweeps" / "smoke.yaml").read_text().replace(
+        "model.kind: {choice: [gpt, ff]}", f"model.kind: {{choice: [gpt, '{PLUGIN}']}}").replace(
+        '"model.kind == ff": {model.layers: {int: [1, 2]}, model.n_embd: 16}',
+        f'"model.kind == {PLUGIN}": {{model.depth: {{int: [1, 2]}}, model.channels: 16}}'))
+    spec = load_sweep(both)
+    cfg = spec.trial_config({"model.kind": PLUGIN, "model.depth": 2, "train.lr": 0.003, "train.patience": 1,
+                             "train.min_relative_improvement": 0.0, "model.channels": 16}, 1)
+    assert cfg.model.depth == 2 and cfg.model.channels == 16
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "examples" / "my_model.yaml").read_text().replace("model.depth:", "model.dpth:"))
     with pytest.raises(SweepError, match="Unknown config key 'model.dpth'.*did you mean 'model.depth'"):
