@@ -57,7 +57,12 @@ def prepare(spec: SweepSpec, url: str, started_at: float | None = None, warm_sta
             study.set_user_attr("rung_seconds", rung_budgets(p.min_seconds, p.reduction_factor,
                                                              spec.base_config().train.max_minutes * 60))
         if spec.baseline and not study.user_attrs.get("mlflow_baseline_run_id"):
-            log_baseline(session)
+            try:
+                log_baseline(session)
+            except BaseException as e:  # a bad baseline, or Ctrl-C in it: the parent run is not left RUNNING
+                tracking.client().set_terminated(session.parent_run_id,
+                                                 status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                raise
         return session
 
 

@@ -99,9 +99,9 @@ def render_cli(parser: argparse.ArgumentParser | None = None, makefile: Path = R
 
         parser = build_parser()
     out = [HEADER, "# Command line\n\n",
-           "Every `make` target creates `.venv` and installs the pinned `requirements.txt` on first use. "
+           "Every Python `make` target creates `.venv` and installs the pinned `requirements.txt` on first use. "
            "Each target runs one `python -m charlm` command (or a bench script); the variables it takes are "
-           "in its note.\n\n", "## make targets\n\n",
+           "in its note. `python -m charlm` runs from the activated `.venv` (`source .venv/bin/activate`).\n\n", "## make targets\n\n",
            _table(["target", "what it does"], [[f"`make {t}`", note] for t, note in make_targets(makefile)]),
            "\n## python -m charlm\n\n", f"{parser.description}\n\n"]
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
