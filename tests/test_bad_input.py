@@ -332,3 +332,20 @@ def test_a_trial_that_diverges_before_any_good_evaluation_fails(tiny_cfg):
     result = train(cfg, NullTracker(), progress=False)
     assert result.stop_reason is StopReason.DIVERGED and result.checkpoint is None
     assert math.isnan(result.best_val_loss) and trial_state(result) is TrialState.FAIL
+
+
+def test_a_baseline_that_fails_leaves_no_study_run_running(tmp_path):
+    """The baseline's 6-gram overflows 64-bit ids over a 1,500-character alphabet: one line, exit 2,
+    and the study's parent run, already created, ends FAILED rather than RUNNING for ever."""
+    from helpers import SMOKE, mlflow_client
+
+    text = tmp_path / "wide.txt"
+    alphabet = "".join(chr(0x4E00 + i) for i in range(1500))
+    text.write_text((alphabet + "\n") * 12, encoding="utf-8")
+    r = cli("sweep", str(SMOKE), "--text", str(text), cwd=tmp_path)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error: ") and "overflows 64-bit ids" in last, r.stderr
+    assert "Traceback" not in r.stderr
+    client = mlflow_client(tmp_path)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and all(x.info.status != "RUNNING" for x in runs), [(x.info.run_name, x.info.status) for x in runs]
