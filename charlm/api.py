@@ -267,10 +267,12 @@ def _download(uri: str) -> Path:
     """The checkpoint inside a logged charlm model (its ``checkpoint`` artifact)."""
     import mlflow
 
+    from charlm.serving import fluent_uri
     from charlm.tracking import tracking_uri
 
     try:
-        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri()))
+        with fluent_uri(tracking_uri()):  # the registry too: models:/ resolves where charlm registered
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as e:  # MLflow raises its own types for a missing name, version or alias
         raise CharlmError(f"Cannot load {uri} from {tracking_uri()}: {str(e).splitlines()[0][:200]}") from None
     found = sorted((folder / "artifacts").glob("*.pt"))

@@ -40,6 +40,10 @@ def kind_class(kind: str) -> type[CharModel]:
         raise ConfigError(f"Model kind {kind!r} is not a CharModel: subclass charlm.models.base.CharModel")
     if not (dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen):
         raise ConfigError(f"Model kind {kind!r}: its Config must be a frozen dataclass of its hyperparameters")
+    for f in dataclasses.fields(cls.Config):  # what YAML, --set, a sweep space and MLflow params can hold
+        if f.type not in ("int", "float", "str", "bool", int, float, str, bool):
+            raise ConfigError(f"Model kind {kind!r}: its Config field '{f.name}' must be an int, float, str or bool, "
+                              f"not {f.type}")
     return cls
 
 
