@@ -43,8 +43,12 @@ class ModelConfig:
     params: Any = None  # the kind's Config instance; None = its defaults
 
     def __post_init__(self):
+        own = kind_config(self.kind)
         if self.params is None:
-            object.__setattr__(self, "params", kind_config(self.kind)())
+            object.__setattr__(self, "params", own())
+        elif not isinstance(self.params, own):  # dataclasses.replace(model, kind=...): keys of both kinds carry
+            carried = {k: getattr(self.params, k) for k in _fields(own) if k in _fields(type(self.params))}
+            object.__setattr__(self, "params", own(**carried))
 
     def __getattr__(self, name: str) -> Any:  # cfg.model.n_layer: the kind's own key
         try:

@@ -214,7 +214,7 @@ def probe_configs(spec) -> list[config.Config]:
         for pick in (max, min):
             values = {"model.kind": kind, **_shape_values(spec, branch, pick)}
             try:
-                out.append(config.override(base, values, where=f"{spec.path} (probe)"))
+                out.append(spec.config_for(values, where=f"{spec.path} (probe)"))
             except config.ConfigError:
                 continue
     seen, unique = set(), []

@@ -251,7 +251,7 @@ def check_corners(spec: SweepSpec) -> None:
                 if branch:
                     values[branch[0]] = branch[1][0]
                 values[p.key] = v
-                _try(spec, base, values, p.key)
+                _try(spec, values, p.key)
         # every (n_head, n_embd) pair the branch can propose must divide
         where = f"{spec.path} (space)"
         gpt = config.kind_config("gpt")()  # a base of another kind holds no heads: the gpt defaults
@@ -287,10 +287,10 @@ def _candidates(active: list[Param], base: config.Config, key: str, where: str, 
     return [config.flatten(base).get(key, default)]
 
 
-def _try(spec: SweepSpec, base: config.Config, values: dict, key: str) -> None:
+def _try(spec: SweepSpec, values: dict, key: str) -> None:
     """The corner's trial config, and the retrain's (``best.set`` on top of it), must both validate."""
     try:
-        cfg = config.override(base, values, where=f"{spec.path} (space.{key})")
+        cfg = spec.config_for(values, where=f"{spec.path} (space.{key})")
         config.override(cfg, spec.best.set, where=f"{spec.path} (best.set, with space {key}={values[key]!r})")
     except ConfigError as e:
         raise SweepError(str(e)) from None

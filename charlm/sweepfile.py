@@ -84,18 +84,23 @@ class SweepSpec:
     def _with_text(self, cfg: config.Config, where: str) -> config.Config:
         return config.override(cfg, {"data.path": self.text}, where=where) if self.text else cfg
 
-    def base_config(self) -> config.Config:
+    def config_for(self, values: dict[str, Any], where: str) -> config.Config:
+        """The base experiment with ``fixed`` and ``values`` applied together, so a model key in
+        ``fixed`` reaches whichever kind ``values`` picks (a kind keeps only its own keys)."""
         cfg = config.load(self.base) if self.base else config.Config()
         cfg = self._with_text(cfg, "--text")
-        cfg = config.override(cfg, self.fixed, where=f"{self.path} (fixed)")
+        cfg = config.override(cfg, {**self.fixed, **values}, where=where)
         return dataclasses.replace(cfg, experiment=self.study.name)
+
+    def base_config(self) -> config.Config:
+        return self.config_for({}, where=f"{self.path} (fixed)")
 
     def baseline_config(self) -> config.Config:
         cfg = self._with_text(config.load(self.baseline), "--text")
         return config.override(cfg, {"experiment": self.study.name}, where=self.baseline)
 
     def trial_config(self, values: dict[str, Any], number: int) -> config.Config:
-        cfg = config.override(self.base_config(), values, where=f"{self.path} (trial {number})")
+        cfg = self.config_for(values, where=f"{self.path} (trial {number})")
         return dataclasses.replace(cfg, name=f"trial-{number:03d}")
 
     def replay(self, trial) -> config.Config:
@@ -255,7 +260,7 @@ def _enqueue(spec: SweepSpec, raw: Any) -> tuple[dict, ...]:
             if k not in keys:
                 raise unknown(spec.path, f"enqueue[{i}].{k}", sorted(keys))
         try:
-            config.override(spec.base_config(), values, where=f"{spec.path} (enqueue[{i}])")
+            spec.config_for(values, where=f"{spec.path} (enqueue[{i}])")
         except ConfigError as e:
             raise SweepError(str(e)) from None
         out.append(dict(values))
