@@ -291,7 +291,7 @@ def measure(spec) -> Speed:
     order = _max_mix_order(len(corpus.vocab), max(retrain.model.mix_order, 6))
     counted = corpus.train[:200_000]
     tn = time.perf_counter()
-    NGram(base.model, len(corpus.vocab), order - 1).fit(counted)
+    NGram(NGram.Config(), len(corpus.vocab), order - 1).fit(counted)
     ngram_rate = len(counted) / max(time.perf_counter() - tn, 1e-6)
     return Speed(tuple(probes), eval_rate, ngram_rate, len(corpus.train), len(retrain_corpus.train),
                  len(corpus.test), len(corpus.val), len(corpus.vocab), time.perf_counter() - t0)

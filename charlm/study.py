@@ -92,9 +92,9 @@ def base_values(spec: SweepSpec) -> tuple[dict, list[str]]:
     for p in spec.space:
         if p.when is not None and str(values.get(p.when[0], flat.get(p.when[0]))) not in map(str, p.when[1]):
             continue
-        v = flat[p.key]
-        if p.kind == "fixed":
+        if p.kind == "fixed" or p.key not in flat:  # a key the base's kind has not: the sampler draws it
             continue
+        v = flat[p.key]
         inside = (v in p.choices) if p.kind == "choice" else p.low <= v <= p.high
         if inside:
             values[p.key] = v

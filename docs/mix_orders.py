@@ -37,7 +37,7 @@ def main() -> None:
     print(f"val split: {len(corpus.val):,} characters")
     print("| n-gram order mixed in | n-gram alone | mixed, first half | mixed, second half | mixed, mean |\n|---|---|---|---|---|")
     for order in args.orders:
-        mix = Mixture(ck.model.neural, NGram(ck.cfg.model, len(corpus.vocab), order - 1)).eval()
+        mix = Mixture(ck.model.neural, NGram(NGram.Config(), len(corpus.vocab), order - 1)).eval()
         mix.fit(corpus.train)
         a, b, y = split_parts(per_char(mix, corpus.val, _parts, t.eval_stride, t.eval_batch_size, "cpu"))
         one, two = two_fold(a, b, y, fit_gate)

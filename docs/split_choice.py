@@ -40,7 +40,7 @@ def main() -> None:
     for order in args.orders:
         losses = []
         for corpus in (trials, retrain):
-            model = NGram(base.model, len(corpus.vocab), order - 1).eval()
+            model = NGram(NGram.Config(), len(corpus.vocab), order - 1).eval()
             model.fit(corpus.train)
             losses.append(full_pass(model, held_out).loss)
         print(f"| {order} | {losses[0]:.4f} | {losses[1]:.4f} |")
