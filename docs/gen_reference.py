@@ -35,7 +35,9 @@ REGION = re.compile(r"(<!-- begin generated: ([\w-]+) -->\n)(.*?)(<!-- end gener
 
 
 def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """One table cell: pipes escaped, and ``<study>`` outside code spans kept as text, not taken for HTML."""
+    parts = str(text).replace("|", "\\|").replace("\n", " ").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
 
 
 def _table(head: list[str], rows: list[list[object]]) -> str:
@@ -109,7 +111,7 @@ def render_cli(parser: argparse.ArgumentParser | None = None, makefile: Path = R
     for name, cmd in sub.choices.items():
         cmd.formatter_class = lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100)
         usage = cmd.format_usage().removeprefix("usage: ").strip()
-        out += [f"### {name}\n\n", f"{helps.get(name, '')}\n\n", f"```text\n{usage}\n```\n\n"]
+        out += [f"### {name}\n\n", f"{_cell(helps.get(name, ''))}\n\n", f"```text\n{usage}\n```\n\n"]
         rows = [_option(a) for a in cmd._actions if a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
         out.append(_table(["argument", "what", "default", "choices"], rows))
         if cmd.epilog:

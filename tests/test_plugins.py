@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from charlm import checkpoint, config
 from helpers import ROOT, cli, free_port, mlflow_client, wait_for_http
@@ -116,7 +117,7 @@ def test_the_example_sweeps_retrains_and_serves_a_plugin_model(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "best trial" in r.stdout and "retrained: test" in r.stdout
     best = tmp_path / "mlruns" / "best" / "my-model"
-    assert json.loads((best / "metrics.json").read_text())["params"]["model.kind"] == PLUGIN
+    assert yaml.safe_load((best / "config.yaml").read_text())["model"]["kind"] == PLUGIN
     r = cli("eval", "--model", str(best), "--split", "test", "--json", cwd=tmp_path, env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["loss"] < 4.2, r.stderr
     port = free_port()
