@@ -132,11 +132,8 @@ def sweep(path: str | Path = "sweeps/default.yaml", *, workers: int = 1, n_trial
 
     if dry_run:
         return study.dry_run(spec)
-    study.run(spec, workers=workers, worker_index=worker_index, started_at=started_at or time.time(),
-              warm_start=warm_start)
-    from charlm.storage import open_planned, storage_url
-
-    return open_planned(spec, storage_url(spec))[1]
+    return study.run(spec, workers=workers, worker_index=worker_index, started_at=started_at or time.time(),
+                     warm_start=warm_start)
 
 
 @dataclass(frozen=True)

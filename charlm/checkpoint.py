@@ -85,6 +85,12 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+def model_kind(path: str | Path) -> str:
+    """A checkpoint's ``model.kind``, read from its plain-data config without building the model
+    (memory-mapped: the weights are not read)."""
+    return torch.load(resolve(path), map_location="cpu", weights_only=True, mmap=True)["config"]["model"]["kind"]
+
+
 def load(path: str | Path, device: str = "cpu") -> Loaded:
     p = resolve(path)
     try:

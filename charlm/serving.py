@@ -148,7 +148,7 @@ def plugin_code(checkpoint_path: Path) -> list[str]:
     from charlm import checkpoint
     from charlm.models import BUILTIN
 
-    kind = checkpoint.load(checkpoint_path).cfg.model.kind
+    kind = checkpoint.model_kind(checkpoint_path)
     if kind in BUILTIN:
         return []
     found = importlib.util.find_spec(kind.partition(":")[0].split(".")[0])

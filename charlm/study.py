@@ -179,7 +179,8 @@ def _parent_run(spec: SweepSpec, url: str, study: optuna.Study, exp_id: str) -> 
 
 
 def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None, started_at: float | None = None,
-        warm_start: str | None = None) -> int:
+        warm_start: str | None = None) -> optuna.Study:
+    """Run (or, as ``worker_index``, help run) the study; returns it, as its storage holds it now."""
     url = storage_url(spec)
     deadline = time.time() + spec.study.timeout_min * 60 if spec.study.timeout_min else None
     if worker_index is not None:  # a child started by the coordinator below
@@ -190,7 +191,7 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None, star
         # in flight, only the plan's deadline stops a trial; timeout_min only stops new ones, as in the coordinator
         worker_loop(Session(spec, url, study, study.user_attrs["mlflow_parent_run_id"], worker_index,
                             stop_at=spec.plan.study_deadline if spec.plan else None), deadline)
-        return 0
+        return study
 
     session = prepare(spec, url, started_at, warm_start)
     spec = session.spec
@@ -218,7 +219,7 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None, star
         _close_parent(session, status)
     _print_results(session.study)
     print(f"MLflow runs (make ui): {ui_runs_url(session.experiment_id)}")
-    return 0
+    return session.study
 
 
 def _close_parent(session: Session, status: str) -> None:

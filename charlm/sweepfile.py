@@ -7,6 +7,7 @@ raised before any trial starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -84,12 +85,16 @@ class SweepSpec:
     def _with_text(self, cfg: config.Config, where: str) -> config.Config:
         return config.override(cfg, {"data.path": self.text}, where=where) if self.text else cfg
 
+    @functools.cached_property
+    def _experiment(self) -> config.Config:
+        """The base experiment as its file says (on --text's text), read once: corners, probes and
+        trials all start from it."""
+        return self._with_text(config.load(self.base) if self.base else config.Config(), "--text")
+
     def config_for(self, values: dict[str, Any], where: str) -> config.Config:
         """The base experiment with ``fixed`` and ``values`` applied together, so a model key in
         ``fixed`` reaches whichever kind ``values`` picks (a kind keeps only its own keys)."""
-        cfg = config.load(self.base) if self.base else config.Config()
-        cfg = self._with_text(cfg, "--text")
-        cfg = config.override(cfg, {**self.fixed, **values}, where=where)
+        cfg = config.override(self._experiment, {**self.fixed, **values}, where=where)
         return dataclasses.replace(cfg, experiment=self.study.name)
 
     def base_config(self) -> config.Config:
