@@ -1,5 +1,6 @@
 """What must never be in the code, and the UI server as the user starts it."""
 
+import ast
 import os
 import re
 import signal
@@ -27,11 +28,26 @@ def test_yaml_is_only_safe_loaded():
         assert not re.search(r"yaml\.(load|unsafe_load|full_load)\(|yaml\.(Unsafe|Full)?Loader", _code(p)), p
 
 
+def _torch_load_calls(path):
+    """Every ``torch.load(...)`` call in a file, parsed, so nested parentheses in its arguments don't hide a keyword."""
+    tree = ast.parse(_code(path))
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "load"
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "torch"
+    ]
+
+
 def test_checkpoints_are_loaded_without_code_execution():
-    calls = [(p, m) for p in SOURCES if p.parent.name != "tests" for m in re.finditer(r"torch\.load\([^)]*\)", _code(p))]
+    calls = [(p, c) for p in SOURCES if p.parent.name != "tests" for c in _torch_load_calls(p)]
     assert calls, "expected torch.load in charlm/checkpoint.py"
-    for p, m in calls:
-        assert "weights_only=True" in m.group(0), f"{p}: {m.group(0)}"
+    for p, c in calls:
+        safe = [k for k in c.keywords if k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True]
+        assert safe, f"{p}:{c.lineno}: torch.load without weights_only=True"
 
 
 def test_no_shell_commands_built_from_strings():
