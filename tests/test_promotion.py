@@ -185,6 +185,22 @@ def test_a_bracket_starts_judging_at_its_own_rung_and_the_last_runs_unjudged(tmp
     assert mlflow_client(tmp_path).get_run(middle.user_attrs["mlflow_run_id"]).data.tags["bracket"] == "1"
 
 
+
+@pytest.mark.slow
+def test_a_queued_trial_runs_to_the_clock_unjudged_whatever_its_number(tmp_path):
+    # trial 1 would be drawn into the first bracket; queued by the sweep file, it goes to the last,
+    # where the base experiment's trial 0 goes: known to be good at the clock, judged there
+    path = asha_sweep(tmp_path, "queued", 3, brackets=3)
+    doc = yaml.safe_load(path.read_text())
+    doc["enqueue"] = [{"model.kind": "ff", "train.lr": 0.004, "model.layers": 2}]
+    path.write_text(yaml.safe_dump(doc))
+    r = cli("sweep", str(path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trials = journal_study(tmp_path, "queued").trials
+    assert [t.user_attrs.get("charlm.enqueued") for t in trials] == ["base", "sweep file #0", None]
+    assert [t.system_attrs[promotion.BRACKET] for t in trials] == [2, 2, 1]
+    assert trials[1].state == TrialState.COMPLETE and not [k for k in trials[1].system_attrs if k.startswith("charlm.rung")]
+
 def test_wsd_holds_the_peak_whatever_the_length_then_decays_over_its_last_fraction():
     from charlm import config
     from charlm.optim import lr_at
