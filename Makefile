@@ -83,6 +83,9 @@ test-slow: $(STAMP) ## the long tests (full trainings, process kills, the UI in 
 test-pg: $(STAMP) ## scale-out test: a throwaway PostgreSQL, an MLflow server, two workers, one killed
 	$(PY) -m pytest -q -s -m pg
 
+test-faults: $(STAMP) ## faults from outside, for real: unwritable and full disks, servers and PostgreSQL killed, stores cut (root)
+	$(PY) -m pytest -q -m faults --durations=5
+
 bench-search: $(STAMP) ## asha vs fixed-budget patience vs Hyperband, same space and wall clock (MINUTES=12 each, SEEDS="0 1")
 	$(PY) bench/search.py --minutes $(or $(MINUTES),12) --seeds $(or $(SEEDS),0 1)
 
@@ -120,4 +123,4 @@ clean: ## remove caches and build leftovers (keeps mlruns/ and .venv)
 	rm -rf .pytest_cache build site *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-.PHONY: help install all bench-seeds docs docs-serve lint sweep best train sample eval test test-slow test-pg gpu-check bench bench-search report dashboard ui server serve clean
+.PHONY: help install all bench-seeds docs docs-serve lint sweep best train sample eval test test-slow test-pg test-faults gpu-check bench bench-search report dashboard ui server serve clean

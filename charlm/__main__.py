@@ -16,7 +16,7 @@ from pathlib import Path
 
 from charlm import interrupts
 from charlm.errors import CharlmError
-from charlm.paths import DEFAULT_MODEL
+from charlm.paths import DEFAULT_MODEL, redact
 
 
 def cmd_train(args) -> int:
@@ -29,7 +29,8 @@ def cmd_train(args) -> int:
               f"splits {len(corpus.train):,}/{len(corpus.val):,}/{len(corpus.test):,}; nothing trained",
               file=sys.stderr)
         return 0
-    run = api.train(args.experiment, args.set or [], track=not args.no_track, out=args.out)
+    run = api.train(args.experiment, args.set or [], track=not args.no_track, out=args.out,
+                    discard_corrupt_state=args.discard_corrupt_state)
     result = run.result
     where = run.checkpoint or ("not kept (use --out DIR, or drop --no-track to keep it in MLflow)" if args.no_track
                                else "none")
@@ -128,7 +129,7 @@ def cmd_best(args) -> int:
     from charlm import api
 
     api.best(args.sweep, seeds=args.seeds, storage=args.storage, budget=args.budget, text=args.text, trial=args.trial,
-             minutes=args.minutes, started_at=STARTED)
+             minutes=args.minutes, started_at=STARTED, discard_corrupt_state=args.discard_corrupt_state)
     return 0
 
 
@@ -166,6 +167,14 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as every other error: one line naming the problem and where the help is, exit 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _command(sub, name: str, func, help: str, *examples: str) -> argparse.ArgumentParser:
     c = sub.add_parser(name, help=help, epilog="example:\n" + "\n".join(f"  {x}" for x in examples),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,6 +192,12 @@ def _study_args(c: argparse.ArgumentParser) -> None:
 def _budget_arg(c: argparse.ArgumentParser, what: str) -> None:
     c.add_argument("--budget", default=None, metavar="DURATION",
                    help=f"wall-clock budget of sweep + best, e.g. 45m, 3h, 1h30m: {what} (overrides study.budget)")
+
+
+def _discard_arg(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--discard-corrupt-state", action="store_true",
+                   help="a saved training state that cannot be read is deleted and its run starts over "
+                        "(without this flag: one line naming the file, and nothing changed)")
 
 
 def _model_args(c: argparse.ArgumentParser, skip: str) -> None:
@@ -215,6 +230,7 @@ def _study_commands(sub) -> None:
     b.add_argument("--trial", type=int, default=None, metavar="N",
                    help="retrain trial N instead of the winner (saved to mlruns/best/<study>-trial-N/, not registered)")
     b.add_argument("--minutes", type=float, default=None, help="each seed's training clock, in minutes")
+    _discard_arg(b)
     r = _command(sub, "report", cmd_report, "write a Markdown report of a study (mlruns/reports/<study>/) and log it",
                  "python -m charlm report sweeps/smoke.yaml")
     _study_args(r)
@@ -244,7 +260,7 @@ def _model_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m charlm", description="Character-level language models, tracked in MLflow.")
+    p = _Parser(prog="python -m charlm", description="Character-level language models, tracked in MLflow.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = _command(sub, "train", cmd_train, "train one model from an experiment YAML",
                  "python -m charlm train experiments/gpt.yaml --set train.max_steps=500 model.n_layer=2",
@@ -256,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the config and the data, print the resolved config; train nothing")
     t.add_argument("--out", metavar="DIR", help="also save the best checkpoint as DIR/model.pt")
     t.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    _discard_arg(t)
     _study_commands(sub)
     _model_commands(sub)
     return p
@@ -275,6 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except Exception as e:  # a store, server or disk that failed where no check of charlm's stood
+        from charlm.tracking import outside
+
+        if not outside(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        where = f" {e.filename}:" if isinstance(e, OSError) and e.filename else ""
+        print(f"error:{where} {type(e).__name__}: {redact(first)}; what finished is kept in the stores: fix that "
+              "and run the command again", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Heavy imports (torch, MLflow, Optuna) happen inside the calls, so ``import charl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -75,35 +76,94 @@ class Trained:
 
 
 def train(config: str | Path | Config, overrides: Mapping[str, Any] | Iterable[str] = (), *, track: bool = True,
-          out: str | Path | None = None) -> Trained:
+          out: str | Path | None = None, discard_corrupt_state: bool = False) -> Trained:
     """Train one model and record it as one MLflow run (``track=False``: none). ``out``: also keep
-    the best checkpoint as ``out/model.pt``."""
-    from charlm.trainer import train as run
+    the best checkpoint as ``out/model.pt``.
+
+    Every place the run writes is checked before it trains (charlm/preflight.py). Its training state
+    is saved at each evaluation under ``mlruns/states/``: where a store, a server or a disk fails
+    mid-run (an :class:`~charlm.errors.OutsideFault`), the same call again resumes from that state
+    in a new run (and the run left RUNNING ends FAILED: charlm/tracking.py ``close_dead_runs``).
+    ``discard_corrupt_state``: a state that cannot be read is deleted and the run starts over
+    (without it: one line naming the file)."""
+    import hashlib
+
+    from charlm import checkpoint, paths, preflight
+    from charlm.config import dump_yaml
 
     cfg, corpus = experiment(config, overrides)
+    need = checkpoint.state_bytes(cfg, len(corpus.vocab))
+    if out is not None:
+        preflight.folder(out, "the --out folder", need)
+    preflight.folder(paths.STATES, "the training-state folder", 2 * need)
+    if track:
+        from charlm.tracking import tracking_uri
 
-    def keep(result) -> str | None:  # before the run's scratch folder goes away
+        preflight.tracking(tracking_uri(), need)
+    with _own_state(paths.STATES / f"train-{hashlib.sha256(dump_yaml(cfg).encode()).hexdigest()[:12]}.pt") as state:
+        return _train(cfg, corpus, state, track, out, discard_corrupt_state)
+
+
+def _train(cfg: Config, corpus: Corpus, state: Path, track: bool, out: str | Path | None,
+           discard_corrupt_state: bool) -> Trained:
+    """:func:`train` once its places are checked, from the training state at ``state``."""
+    from charlm import checkpoint
+    from charlm.errors import OutsideFault
+    from charlm.trainer import train as run
+
+    def keep(result, run_id: str | None) -> str | None:  # before the run's scratch folder goes away
         if out is None or not result.checkpoint:
             return None
-        from charlm.checkpoint import write_atomic
+        try:
+            with open(result.checkpoint, "rb") as src:
+                return str(checkpoint.write_atomic(Path(out) / checkpoint.FILENAME,
+                                                   lambda f: shutil.copyfileobj(src, f)))
+        except OutsideFault as e:
+            raise e.keeping(f"kept: the model in MLflow run {run_id} (artifact model/{checkpoint.FILENAME})"
+                            if run_id else "the model was not kept (no MLflow run: drop --no-track)") from None
 
-        with open(result.checkpoint, "rb") as src:
-            return str(write_atomic(Path(out) / "model.pt", lambda f: shutil.copyfileobj(src, f)))
+    try:
+        if not track:
+            from charlm.tracking import NullTracker
 
-    if not track:
-        from charlm.tracking import NullTracker
+            scratch = NullTracker()  # holds the checkpoint until keep() has copied it
+            result = run(cfg, scratch, corpus=corpus, state_path=state, discard_corrupt=discard_corrupt_state)
+            return Trained(result, cfg, None, keep(result, None))
+        from charlm.tracking import MlflowTracker
 
-        scratch = NullTracker()  # holds the checkpoint until keep() has copied it
-        result = run(cfg, scratch, corpus=corpus)
-        return Trained(result, cfg, None, keep(result))
-    from charlm.tracking import MlflowTracker
+        with MlflowTracker(cfg.experiment, cfg.name) as tracker:
+            print(f"MLflow run {tracker.run_id} in experiment '{cfg.experiment}' ({tracker.uri})", file=sys.stderr)
+            result = run(cfg, tracker, corpus=corpus, state_path=state, discard_corrupt=discard_corrupt_state)
+            where = tracker.artifact_uri(f"model/{checkpoint.FILENAME}") if result.checkpoint else None
+            kept = keep(result, tracker.run_id)
+        return Trained(result, cfg, tracker.run_id, (where or "") + (f" (and {kept})" if kept else "") or None)
+    except OutsideFault as e:
+        if state.is_file():
+            e.keeping(f"kept: the training state of its last evaluation, {state}; run the same command again to "
+                      "resume from it")
+        raise
+    except (KeyboardInterrupt, SystemExit):  # interrupted on purpose: the next call starts afresh
+        state.unlink(missing_ok=True)
+        raise
 
-    with MlflowTracker(cfg.experiment, cfg.name) as tracker:
-        print(f"MLflow run {tracker.run_id} in experiment '{cfg.experiment}' ({tracker.uri})", file=sys.stderr)
-        result = run(cfg, tracker, corpus=corpus)
-        where = tracker.artifact_uri("model/model.pt") if result.checkpoint else None
-        kept = keep(result)
-    return Trained(result, cfg, tracker.run_id, (where or "") + (f" (and {kept})" if kept else "") or None)
+
+@contextlib.contextmanager
+def _own_state(path: Path):
+    """``path`` while no other process trains from it, held for the run; else a state of this
+    process's own (two identical runs at once must not resume from each other's saves)."""
+    import fcntl
+    import os
+
+    with open(path.with_suffix(".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield path.with_name(f"{path.stem}-pid{os.getpid()}{path.suffix}")
+            return
+        try:
+            yield path
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------- a study
@@ -150,10 +210,12 @@ class Retrained:
 
 def best(path: str | Path = "sweeps/default.yaml", *, seeds: Iterable[int] | None = None, storage: str | None = None,
          budget: str | None = None, text: str | Path | None = None, trial: int | None = None,
-         minutes: float | None = None, started_at: float | None = None) -> Retrained:
+         minutes: float | None = None, started_at: float | None = None, discard_corrupt_state: bool = False) -> Retrained:
     """Retrain the study's winner (or ``trial``, saved beside it and not registered) once per seed,
     test it, save the seed with the lowest val loss and register it as ``charlm-<study>``. Each
-    seed trains the trial's clock, ``minutes`` if given, or under ``budget`` what the deadline leaves."""
+    seed trains the trial's clock, ``minutes`` if given, or under ``budget`` what the deadline leaves.
+    A fault from outside keeps the finished seeds and the one in training: the same call goes on
+    from them. ``discard_corrupt_state``: a kept seed or state that cannot be read is retrained."""
     import json
 
     from charlm import config
@@ -168,7 +230,8 @@ def best(path: str | Path = "sweeps/default.yaml", *, seeds: Iterable[int] | Non
     from charlm.retrain import run_best
 
     out = run_best(spec, seeds, budget_s=parse_duration(budget) if budget else None,
-                   started_at=started_at or time.time(), trial_number=trial, minutes=minutes)
+                   started_at=started_at or time.time(), trial_number=trial, minutes=minutes,
+                   discard_corrupt=discard_corrupt_state)
     return Retrained(out, json.loads((out / "metrics.json").read_text()))
 
 

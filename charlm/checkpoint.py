@@ -6,6 +6,7 @@ read with ``torch.load(weights_only=True)``, so loading a checkpoint cannot run 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import torch.nn as nn
 from charlm import interrupts
 from charlm.config import Config, from_dict, to_dict
 from charlm.data import CharVocab
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, OutsideFault
 from charlm.models import build_model
 
 FORMAT = "charlm-checkpoint/1"
@@ -47,8 +48,11 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any], durable: bool = T
     the disk (fsync), so the file outlives a crash of the machine too; a file whose loss costs only
     a redone stretch of training (a resume state, checked when read) skips that wait."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        raise _unwritable(path, e) from None
     try:
         with interrupts.deferred():
             with os.fdopen(fd, "wb") as f:
@@ -57,16 +61,46 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any], durable: bool = T
                 if durable:
                     os.fsync(f.fileno())
             os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if isinstance(e, RuntimeError) and not any(w in str(e).lower() for w in ("write", "inline_container",
+                                                                                  "unexpected pos")):
+            raise
+        raise _unwritable(path, e) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
 
+def _unwritable(path: Path, e: Exception) -> OutsideFault:
+    """A file that could not be written: one line naming it, with the room left on its disk (the
+    old file, if any, is still whole: the write went to a temporary file)."""
+    import shutil
+
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(path.parent).free
+        reason += f", {free / 2**20:,.0f} MB free on its disk"
+    return OutsideFault(f"Cannot write {path} ({reason}); free space on its disk or choose another place")
+
+
 def save(path: Path, model: nn.Module, cfg: Config, vocab: CharVocab, meta: dict[str, Any]) -> Path:
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     blob = {"format": FORMAT, "model": state, "config": to_dict(cfg), "vocab": vocab.to_list(), "meta": meta}
     return write_atomic(path, lambda f: torch.save(blob, f))
+
+
+def state_bytes(cfg: Config, vocab_size: int) -> int:
+    """About the bytes a run writes at once: its training state holds the weights, the best weights
+    and Adam's two moments, 4 bytes a number each (the model built on the meta device: no memory)."""
+    import dataclasses
+
+    try:
+        with torch.device("meta"):
+            model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mix_order=0)), vocab_size)
+    except Exception:  # a model whose constructor computes on its tensors: no estimate, the floor alone
+        return 0
+    return 16 * sum(p.numel() for p in model.parameters())
 
 
 def resolve(path: str | Path) -> Path:
@@ -88,7 +122,12 @@ def resolve(path: str | Path) -> Path:
 def model_kind(path: str | Path) -> str:
     """A checkpoint's ``model.kind``, read from its plain-data config without building the model
     (memory-mapped: the weights are not read)."""
-    return torch.load(resolve(path), map_location="cpu", weights_only=True, mmap=True)["config"]["model"]["kind"]
+    p = resolve(path)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)["config"]["model"]["kind"]
+    except Exception as e:  # cut short, overwritten, or not a checkpoint of ours
+        raise CheckpointError(f"Checkpoint {p} is unreadable or corrupt ({type(e).__name__}); re-train or "
+                              "re-download it") from None
 
 
 def load(path: str | Path, device: str = "cpu") -> Loaded:

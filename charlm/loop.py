@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -24,6 +25,7 @@ import torch
 from charlm import checkpoint
 from charlm.config import Config, to_dict
 from charlm.data import Batcher, Corpus
+from charlm.errors import CorruptState
 from charlm.evaluate import EvalResult, full_pass
 from charlm.models.base import CharModel
 from charlm.optim import decayed, lr_at
@@ -139,15 +141,26 @@ class TrainState:
         checkpoint.write_atomic(Path(path), lambda f: torch.save(blob, f), durable=False)
 
     @classmethod
-    def load(cls, path: Path | None, run: Run) -> TrainState | None:
-        """The state saved at ``path`` restored into ``run``, or None (absent, cut short, other config)."""
+    def load(cls, path: Path | None, run: Run, discard_corrupt: bool = False) -> TrainState | None:
+        """The state saved at ``path`` restored into ``run``, or None (absent, or another config's).
+        A file that cannot be read (cut short, overwritten) is a :class:`CorruptState`, one line
+        naming it; with ``discard_corrupt`` (the user's consent: ``--discard-corrupt-state``) it is
+        deleted and the run starts over. Never silently."""
         if path is None or not Path(path).is_file():
             return None
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a state file cut short cannot be resumed from; start over
-            return None
-        if not isinstance(blob, dict) or blob.get("format") not in READABLE_STATES or blob.get("config") != to_dict(run.cfg):
+            if not isinstance(blob, dict) or "format" not in blob:
+                raise ValueError("not a training state")
+        except Exception as e:  # torch raises many types for a file cut short or overwritten
+            if discard_corrupt:
+                print(f"discarded the unreadable training state {path} ({type(e).__name__}); starting over",
+                      file=sys.stderr)
+                Path(path).unlink(missing_ok=True)
+                return None
+            raise CorruptState(f"The training state {path} cannot be read ({type(e).__name__}); to start that run "
+                               "over, run the command again with --discard-corrupt-state (or delete the file)") from None
+        if blob.get("format") not in READABLE_STATES or blob.get("config") != to_dict(run.cfg):
             return None
         run.model.load_state_dict(blob["model"])
         run.optimizer.load_state_dict(blob["optimizer"])
@@ -324,6 +337,7 @@ class Loop:
         row, fired = self.evaluate(lr, tokens_per_sec)
         decaying = self.cooling() or (fired and self.start_cooldown())  # decided before the save resumes it
         self.persist()
+        self.run.tracker.flush()  # after the save: a store that fails here leaves this evaluation resumable
         train_loss, val_loss, best = row.get("train_loss", math.nan), row["val_loss"], state.stop.best
         bar.event(f"step {state.step}/{self.run.cfg.train.max_steps} loss {train_loss:.4f} val {val_loss:.4f} "
                   f"(best {best:.4f}) {tokens_per_sec / 1000:.1f}k tok/s", loss=f"{train_loss:.4f}",
@@ -375,6 +389,5 @@ class Loop:
         if train_loss is not None:
             row["train_loss"] = train_loss
         state.history.append({"step": state.step, **row})
-        run.tracker.log_metrics(row, step=state.step)
-        run.tracker.flush()
+        run.tracker.log_metrics(row, step=state.step)  # sent after the state is saved (after_evaluation)
         return row, fired

@@ -16,12 +16,13 @@ from optuna.trial import TrialState
 from charlm import config, promotion
 from charlm.data import Corpus, load_corpus
 from charlm.device import explain
+from charlm.errors import CorruptState, OutsideFault
 from charlm.plan import first_bracket
 from charlm.promotion import rung_budgets
 from charlm.search import compute_step
 from charlm.space import suggest
-from charlm.storage import Session, artifact_store
-from charlm.tracking import MlflowTracker, ui_runs_url
+from charlm.storage import Session, artifact_store, storage_fault
+from charlm.tracking import MlflowTracker, outside, ui_runs_url
 from charlm.trainer import EvalEvent, RunResult, StopReason, train
 
 ENQUEUED = "charlm.enqueued"  # user attribute and MLflow tag: where a queued trial's configuration came from
@@ -178,17 +179,46 @@ def run_trial(session: Session, trial: optuna.Trial, before: optuna.trial.Frozen
                 if tracker is not None:
                     tracker.set_tags({"optuna.state": "FAIL", "stop_reason": StopReason.INTERRUPTED})
         raise
-    except Exception as e:  # one broken trial never stops the sweep; the reason stays on its run
-        message = explain(e)
-        print(f"trial {trial.number} failed: {message}", file=sys.stderr)
-        with contextlib.suppress(Exception):
-            trial.set_user_attr("error", message[:1000])
-            if tracker is not None:
-                tracker.set_tags({"optuna.state": "FAIL", "stop_reason": StopReason.ERROR, "error": message[:5000]})
-                tracker.end("FAILED")
-        with contextlib.suppress(Exception):
+    except Exception as e:
+        if isinstance(e, OutsideFault) or outside(e):
+            raise _outside_fault(session, trial, e) from None
+        return _broken(study, trial, tracker, e)
+
+
+def _outside_fault(session: Session, trial: optuna.Trial, e: Exception) -> OutsideFault:
+    """A store, server or disk failed: not the trial's fault, and the next trial would fail alike.
+    The trial is queued again (a trial past a rung pauses there) and the sweep stops in one line.
+    An error that is not already one of charlm's comes from the Optuna storage (MLflow's calls and
+    charlm's writes raise their own): the line names the storage."""
+    study = session.study
+    if not isinstance(e, OutsideFault):
+        if isinstance(e, OSError) and e.filename:
+            e = OutsideFault(f"trial {trial.number} could not use {e.filename}: {e.strerror or e}; check its disk")
+        else:
+            e = storage_fault(session.storage_url, e, f"during trial {trial.number}")
+    with contextlib.suppress(Exception):  # a storage that is down takes neither: the next sweep fails it
+        if promotion.RUNG in study._storage.get_trial(trial._trial_id).system_attrs and \
+                not isinstance(e, CorruptState):
+            study._storage.set_trial_system_attr(trial._trial_id, promotion.PAUSED, True)
+        else:
             study.tell(trial, state=TrialState.FAIL)
-        return TrialState.FAIL
+            requeue(study, study.trials[trial.number])
+    return e.keeping(f"trial {trial.number} is queued to run again; the study's finished trials are kept in "
+                     "its storage: run the sweep again to go on")
+
+
+def _broken(study: optuna.Study, trial: optuna.Trial, tracker: MlflowTracker | None, e: Exception) -> TrialState:
+    """One broken trial never stops the sweep: it fails, and the reason stays on its run."""
+    message = explain(e)
+    print(f"trial {trial.number} failed: {message}", file=sys.stderr)
+    with contextlib.suppress(Exception):
+        trial.set_user_attr("error", message[:1000])
+        if tracker is not None:
+            tracker.set_tags({"optuna.state": "FAIL", "stop_reason": StopReason.ERROR, "error": message[:5000]})
+            tracker.end("FAILED")
+    with contextlib.suppress(Exception):
+        study.tell(trial, state=TrialState.FAIL)
+    return TrialState.FAIL
 
 
 def skip(study: optuna.Study, trial: optuna.Trial, cfg: config.Config) -> TrialState:

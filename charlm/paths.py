@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MLRUNS = Path("mlruns")
 BEST_ROOT = MLRUNS / "best"  # mlruns/best/<study>/: the model `make best` saved
 REPORT_ROOT = MLRUNS / "reports"  # mlruns/reports/<study>/report.md and its plots
+STATES = MLRUNS / "states"  # mlruns/states/train-<config hash>.pt: a `train` a fault stopped, resumed by the same command
 DEFAULT_MODEL = str(BEST_ROOT)  # `eval`/`sample` without --model: the newest best model
 
 JOURNAL = "journal:"

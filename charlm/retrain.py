@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,16 +18,16 @@ from pathlib import Path
 import torch
 from optuna.trial import TrialState
 
-from charlm import checkpoint, config, paths, promotion, serving
+from charlm import checkpoint, config, paths, preflight, promotion, serving
 from charlm.config import dump_yaml
 from charlm.device import resolve_device
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, CorruptState, OutsideFault
 from charlm.models import generate
 from charlm.objective import ENQUEUED
 from charlm.plan import CLOSE_S, MARGIN
 from charlm.storage import open_planned, storage_url
 from charlm.sweepfile import SweepSpec
-from charlm.tracking import MlflowTracker
+from charlm.tracking import MlflowTracker, tracking_uri
 from charlm.trainer import train
 
 NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
@@ -109,8 +110,21 @@ class Clock:
 
 
 def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None, budget_s: float | None = None,
-             started_at: float | None = None, trial_number: int | None = None, minutes: float | None = None) -> Path:
-    """Retrain the study's winner (or ``trial_number``: saved beside, not registered) over seeds."""
+             started_at: float | None = None, trial_number: int | None = None, minutes: float | None = None,
+             discard_corrupt: bool = False) -> Path:
+    """Retrain the study's winner (or ``trial_number``: saved beside, not registered) over seeds.
+    A fault from outside mid-way keeps the finished seeds and the state of the one in training in
+    ``<out>/.seeds/``: the same call again goes on from them."""
+    preflight.tracking(tracking_uri())  # a store or server that fails: one line before the study is read
+    try:
+        return _run_best(spec, seeds, budget_s, started_at, trial_number, minutes, discard_corrupt)
+    except OutsideFault as e:
+        raise e.keeping("kept: the finished seeds and the last evaluation of the seed in training, under "
+                        f"{paths.BEST_ROOT}/; run best again to go on from them") from None
+
+
+def _run_best(spec: SweepSpec, seeds: tuple[int, ...] | None, budget_s: float | None, started_at: float | None,
+              trial_number: int | None, minutes: float | None, discard_corrupt: bool) -> Path:
     url = storage_url(spec)
     spec, study = open_planned(spec, url)
     clock = Clock(spec, budget_s, time.time() if started_at is None else started_at, minutes)
@@ -118,7 +132,8 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None, budget_s: fl
     cfg, trial = best_config(spec, study, trial_number, clock.seconds(len(seeds)))
     own = trial_number is not None
     out = paths.BEST_ROOT / (f"{spec.study.name}-trial-{trial.number}" if own else spec.study.name)
-    out.mkdir(parents=True, exist_ok=True)
+    need = checkpoint.state_bytes(cfg, 256) * (len(seeds) + 1)
+    preflight.folder(out, "the model folder", need)  # before anything trains: one line if it cannot be written
     print(f"{'trial' if own else 'best trial'} {trial.number} of study '{spec.study.name}' ({paths.redact(url)}): "
           f"val {trial.value:.4f}{' (' + trial.user_attrs[ENQUEUED] + ')' if ENQUEUED in trial.user_attrs else ''}; "
           f"retraining {budget_words(cfg)} x seeds {list(seeds)}")
@@ -137,7 +152,7 @@ def run_best(spec: SweepSpec, seeds: tuple[int, ...] | None = None, budget_s: fl
         for i, seed in enumerate(seeds):
             if i:  # the deadline is measured again: a late first seed shortens the next, not the budget
                 cfg, _ = best_config(spec, study, trial.number, clock.seconds(len(seeds) - i))
-            row, loaded = _seed(spec, cfg, seed, out, parent.run_id, tags)
+            row, loaded = _seed(spec, cfg, seed, out, parent.run_id, tags, discard_corrupt)
             rows.append(row)
             if loaded and (best_loaded is None or row["val_loss"] < best_loaded[0]):
                 best_loaded = (row["val_loss"], seed, loaded)
@@ -179,7 +194,8 @@ def budget_words(cfg: config.Config) -> str:
         f"{t.max_steps} steps" + (f" or {t.max_minutes:.2f} minutes" if t.max_minutes > 0 else ""))
 
 
-def _seed(spec: SweepSpec, cfg: config.Config, seed: int, out: Path, parent_run_id: str, tags: dict):
+def _seed(spec: SweepSpec, cfg: config.Config, seed: int, out: Path, parent_run_id: str, tags: dict,
+          discard_corrupt: bool = False):
     """One seed's retrain as a child run, or its result kept from an earlier, interrupted `make best`."""
     seed_cfg = replace(config.override(cfg, {"train.seed": seed}, where="best seeds"), name=f"best-seed-{seed}")
     # A finished seed is kept under a name tied to its exact config, so an interrupted
@@ -187,16 +203,26 @@ def _seed(spec: SweepSpec, cfg: config.Config, seed: int, out: Path, parent_run_
     key = hashlib.sha256(dump_yaml(seed_cfg).encode()).hexdigest()[:12]
     done, kept = out / ".seeds" / f"seed-{seed}-{key}.json", out / ".seeds" / f"seed-{seed}-{key}.pt"
     if done.is_file() and kept.is_file():
-        row, loaded = json.loads(done.read_text()), checkpoint.load(kept)
-        print(f"  seed {seed}: val {row['val_loss']:.4f}  test {row['test_loss']:.4f}  "
-              f"(kept from an earlier run: MLflow run {row['run_id']})")
-        return row, loaded
+        try:
+            row, loaded = json.loads(done.read_text()), checkpoint.load(kept)
+        except (ValueError, checkpoint.CheckpointError) as e:
+            if not discard_corrupt:
+                raise CorruptState(f"The kept seed {seed} ({kept}) cannot be read ({type(e).__name__}); to retrain "
+                                   "that seed, run best again with --discard-corrupt-state") from None
+            print(f"  seed {seed}: discarded the unreadable kept seed {kept}; retraining it", file=sys.stderr)
+            done.unlink(missing_ok=True)
+            kept.unlink(missing_ok=True)
+        else:
+            print(f"  seed {seed}: val {row['val_loss']:.4f}  test {row['test_loss']:.4f}  "
+                  f"(kept from an earlier run: MLflow run {row['run_id']})")
+            return row, loaded
     note = (f"Seed {seed} of the retrain of best trial {tags['optuna.best_trial']} of Optuna study "
             f"'{spec.study.name}'; a child of the best-trial run.")
     with MlflowTracker(spec.study.name, seed_cfg.name, parent_run_id=parent_run_id,
                        tags={**tags, "seed": str(seed), NOTE: note}) as tracker:
         # an interrupted seed resumes from its last evaluation, optimizer state included
-        res = train(seed_cfg, tracker, state_path=out / ".seeds" / f"seed-{seed}-{key}.state.pt")
+        res = train(seed_cfg, tracker, state_path=out / ".seeds" / f"seed-{seed}-{key}.state.pt",
+                    discard_corrupt=discard_corrupt)
         loaded = checkpoint.load(res.checkpoint) if res.checkpoint else None
     row = {"seed": seed, "val_loss": res.best_val_loss, "test_loss": res.test_loss,
            "steps": res.steps, "stop": res.stop_reason, "seconds": round(res.train_seconds, 1),

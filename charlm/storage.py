@@ -18,8 +18,8 @@ from pathlib import Path
 
 import optuna
 
-from charlm import interrupts, paths
-from charlm.errors import CharlmError
+from charlm import interrupts, paths, preflight
+from charlm.errors import CharlmError, OutsideFault
 from charlm.search import make_pruner, make_sampler
 from charlm.sweepfile import SweepSpec
 from charlm.tracking import file_lock
@@ -49,22 +49,34 @@ def storage_url(spec: SweepSpec) -> str:
 def open_storage(url: str):
     """The storage behind ``url``; a URL that cannot be opened is one line naming it, redacted."""
     journal = paths.journal_path(url)
+    if journal is None and "://" not in url:
+        raise CharlmError(f"Storage '{paths.redact(url)}' is not a URL; use sqlite:///file.db, postgresql://..., "
+                          "or journal:path")
+    preflight.optuna_storage(url)  # its folder, and a journal's or SQLite file's contents: one line each
     if journal is not None:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        journal.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(journal), lock_obj=_GuardedOpenLock(str(journal))))
-    if "://" not in url:
-        raise CharlmError(f"Storage '{paths.redact(url)}' is not a URL; use sqlite:///file.db, postgresql://..., "
-                          "or journal:path")
-    db = paths.sqlite_path(url)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return JournalStorage(JournalFileBackend(str(journal), lock_obj=_GuardedOpenLock(str(journal))))
+        except (ValueError, KeyError, TypeError, IndexError) as e:  # records that parse but do not replay
+            raise OutsideFault(f"Optuna journal {journal} does not replay ({type(e).__name__}: {e}); move it aside "
+                               f"(mv {journal} {journal}.bad) to start the study anew, or restore it from a copy") from None
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return optuna.storages.RDBStorage(url, engine_kwargs=preflight.engine_kwargs(url))
     except Exception as e:  # driver missing, server down, bad credentials
-        raise CharlmError(f"Cannot open Optuna storage {paths.redact(url)}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}") from None
+        raise OutsideFault(f"Cannot open Optuna storage {paths.redact(url)}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}") from None
+
+
+def storage_fault(url: str, e: BaseException, during: str = "") -> OutsideFault:
+    """A storage that failed mid-sweep (a database server stopped, a disk full) as one line naming
+    it, password redacted, from the deepest cause (the driver's own words, not Optuna's wrapper)."""
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    return OutsideFault(f"the Optuna storage {paths.redact(url)} failed{' ' + during if during else ''} "
+                        f"({type(cause).__name__}: {paths.redact(first)}); check that it runs and answers")
 
 
 class _GuardedOpenLock(optuna.storages.journal.JournalFileOpenLock):
@@ -103,8 +115,7 @@ def artifact_store(study: str):
     optuna-dashboard shows on each trial (its loss curve), shared by the sweep and `make dashboard`."""
     from optuna.artifacts import FileSystemArtifactStore
 
-    base = paths.MLRUNS / "optuna-artifacts" / study
-    base.mkdir(parents=True, exist_ok=True)
+    base = preflight.folder(paths.MLRUNS / "optuna-artifacts" / study, "the Optuna artifact folder")
     return FileSystemArtifactStore(base_path=str(base))
 
 
@@ -133,12 +144,12 @@ def study_lock(spec: SweepSpec, url: str):
     from sqlalchemy import create_engine, text
 
     if url not in _ENGINES:
-        _ENGINES[url] = create_engine(url, pool_pre_ping=True, pool_size=1)
+        _ENGINES[url] = create_engine(url, pool_size=1, **preflight.engine_kwargs(url))
     key = int.from_bytes(hashlib.sha256(f"charlm-study:{spec.study.name}".encode()).digest()[:8], "big", signed=True)
     try:
         conn = _ENGINES[url].connect()
     except Exception as e:  # server down, bad credentials: one line, password redacted
-        raise CharlmError(f"Cannot lock study '{spec.study.name}' in {paths.redact(url)}: {type(e).__name__}: "
+        raise OutsideFault(f"Cannot lock study '{spec.study.name}' in {paths.redact(url)}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200]}") from None
     with conn, conn.begin():  # a transaction-level lock: it ends with the transaction or the connection
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})

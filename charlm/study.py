@@ -15,13 +15,13 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from charlm import config, paths, plan, tracking
-from charlm.errors import CharlmError
+from charlm import config, paths, plan, preflight, tracking
+from charlm.errors import CharlmError, OutsideFault
 from charlm.objective import ENQUEUED, log_baseline
 from charlm.promotion import rung_budgets
 from charlm.report import SweepProgress, counted, fmt, log_report, refresh_summary, target_trials, trials_table
 from charlm.space import suggest
-from charlm.storage import Session, open_planned, open_study, retune, storage_url, study_lock
+from charlm.storage import Session, open_planned, open_study, retune, storage_fault, storage_url, study_lock
 from charlm.sweepfile import SweepSpec
 from charlm.tracking import get_or_create_experiment, git_commit, tracking_uri, ui_runs_url
 from charlm.workers import spawn, threads_for, worker_loop
@@ -30,7 +30,13 @@ from charlm.workers import spawn, threads_for, worker_loop
 def prepare(spec: SweepSpec, url: str, started_at: float | None = None, warm_start: str | None = None) -> Session:
     """Create (or find) the MLflow experiment, the study and its parent run, once, before any
     worker; under the study's lock, so two `make sweep` started at once share one of each. A
-    budgeted sweep plans here (charlm/plan.py) and a fresh study queues its known configurations."""
+    budgeted sweep plans here (charlm/plan.py) and a fresh study queues its known configurations.
+    First, every place it writes is checked (charlm/preflight.py): one line, and nothing started."""
+    import tempfile
+
+    preflight.tracking(tracking_uri())
+    preflight.optuna_storage(url)  # before its lock file is made beside it
+    preflight.folder(tempfile.gettempdir(), "the scratch folder (TMPDIR) trials write their files to")
     with study_lock(spec, url):
         exp_id = get_or_create_experiment(spec.study.name, tracking_uri())  # a deleted one: refused first
         study = open_study(spec, url, create=True)
@@ -214,6 +220,15 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None, star
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise
+    except OutsideFault:
+        status = "FAILED"
+        raise
+    except Exception as e:
+        status = "FAILED"
+        if tracking.outside(e) and not isinstance(e, OSError):  # the storage, between trials
+            raise storage_fault(url, e).keeping("the study's finished trials are kept in it: run the sweep again "
+                                                "to go on") from None
+        raise
     finally:
         shown.close()
         _close_parent(session, status)
@@ -231,7 +246,12 @@ def _close_parent(session: Session, status: str) -> None:
             print(f"report: {log_report(session.spec, session.study, session.parent_run_id)}", file=sys.stderr)
         except Exception as e:  # the trials are safe either way; say why the report is missing
             print(f"(report skipped: {type(e).__name__}: {e})", file=sys.stderr)
-    tracking.client().set_terminated(session.parent_run_id, status=status)
+    try:
+        tracking.client().set_terminated(session.parent_run_id, status=status)
+    except Exception as e:
+        if status == "FINISHED" or not tracking.outside(e):
+            raise
+        # the store is down, and the error on its way out says so; the next sweep resumes this run
 
 
 def _print_results(study: optuna.Study) -> None:

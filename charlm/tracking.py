@@ -10,16 +10,19 @@ import contextlib
 import fcntl
 import getpass
 import json
+import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from charlm import interrupts, paths
-from charlm.errors import CharlmError
+from charlm import interrupts, paths, preflight
+from charlm.errors import CharlmError, OutsideFault
+from charlm.hosts import HOST_ID, pid_alive
 
 SYSTEM_METRICS_INTERVAL = 2.0  # seconds between samples: a smoke trial lasts a few seconds, a real one minutes
 # The experiment kind MLflow's UI knows: model training, not GenAI. The 3.17 UI, though, picks its view
@@ -27,6 +30,49 @@ SYSTEM_METRICS_INTERVAL = 2.0  # seconds between samples: a smoke trial lasts a 
 # else GenAI's overview), so the links charlm prints also carry workflowType=machine_learning.
 KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves by default
+
+# Bounded waits on a tracking server, set on purpose (README, Reliability); a user's own setting wins.
+# MLflow's defaults (120 s a request, 7 retries backing off by 2) keep a command retrying a dead
+# server for minutes. Here: a request may take 60 s (a slow server is still waited for), and a
+# refused or dropped one is retried 3 times over about 10 s, so a down server fails in under 30 s.
+HTTP_WAITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "60", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5"}
+for _key, _value in HTTP_WAITS.items():
+    os.environ.setdefault(_key, _value)
+
+# MLflow's SQL store logs a full traceback for each database error it then raises (a full disk, a
+# locked or corrupt file); charlm reports that error itself, in one line (:func:`unavailable`).
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+# What a failing store or server says, as MLflow passes it on: a fault from outside, not a bug.
+_OUTSIDE = ("max retries exceeded", "connection refused", "connection reset", "connection aborted", "timed out",
+            "name or service not known", "temporarily unavailable", "bad gateway", "service unavailable",
+            "gateway time", "database is locked", "disk i/o error", "database or disk is full",
+            "no space left", "unable to open database", "read-only file system", "readonly database",
+            "file is not a database", "database disk image is malformed", "could not connect", "server closed")
+
+
+def outside(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a store or server failing: a connection, a disk, a file."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, (OSError, TimeoutError)):
+            return True
+        name = type(e).__module__ + "." + type(e).__name__
+        if name.startswith(("requests.exceptions.", "urllib3.exceptions.", "sqlite3.")) or \
+                name.endswith(("OperationalError", "StorageInternalError")):
+            return True
+        if any(s in str(e).lower() for s in _OUTSIDE):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def unavailable(uri: str, doing: str, e: BaseException) -> OutsideFault:
+    """The one line for a tracking store that failed mid-run."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return OutsideFault(f"the MLflow store {paths.redact(uri)} failed while {doing} ({type(e).__name__}: {first}); "
+                        f"check it (make ui, or curl {paths.redact(uri).rstrip('/')}/health for a server)")
 
 
 def ui_runs_url(experiment_id: str, run_id: str | None = None) -> str:
@@ -55,7 +101,8 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if uri:
         return uri
-    paths.MLRUNS.mkdir(parents=True, exist_ok=True)
+    if not paths.MLRUNS.is_dir():
+        preflight.folder(paths.MLRUNS, "the local MLflow store's folder")
     return f"{paths.SQLITE}{(paths.MLRUNS / 'mlflow.db').resolve()}"
 
 
@@ -140,17 +187,23 @@ class MlflowTracker:
                  tags: dict[str, str] | None = None, uri: str | None = None, run_id: str | None = None):
         """A new run, or with ``run_id`` the same run reopened (a promoted trial continues its curve)."""
         self.uri = uri or tracking_uri()
+        self.down = False  # the store failed: the run cannot be ended there now (close_dead_runs does, later)
+        self.run_id = run_id
         self.client = client(self.uri)
-        self.experiment_id = get_or_create_experiment(experiment, self.uri, self.client)
-        if run_id:
-            self.client.update_run(run_id, status="RUNNING")
-            run = self.client.get_run(run_id)
-        else:
-            all_tags = source_tags()
-            if parent_run_id:
-                all_tags["mlflow.parentRunId"] = parent_run_id
-            all_tags.update(tags or {})
-            run = self.client.create_run(self.experiment_id, run_name=run_name or None, tags=all_tags)
+        with self._guard("starting a run"):
+            self.experiment_id = get_or_create_experiment(experiment, self.uri, self.client)
+            close_dead_runs(self.client, self.experiment_id)
+            if run_id:
+                self.client.set_tag(run_id, PID_TAG, str(os.getpid()))  # this process keeps it now
+                self.client.set_tag(run_id, HOST_TAG, HOST_ID)
+                self.client.update_run(run_id, status="RUNNING")
+                run = self.client.get_run(run_id)
+            else:
+                all_tags = source_tags()
+                if parent_run_id:
+                    all_tags["mlflow.parentRunId"] = parent_run_id
+                all_tags.update(tags or {})
+                run = self.client.create_run(self.experiment_id, run_name=run_name or None, tags=all_tags)
         self.run_id = run.info.run_id
         self._artifact_uri = run.info.artifact_uri
         self._buffer: list = []
@@ -169,27 +222,55 @@ class MlflowTracker:
             status = "KILLED"
         else:
             status = "FAILED"
-            self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
+            if not self.down:
+                with contextlib.suppress(OutsideFault):  # the error being raised is the one to report
+                    self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
         self.end(status)
 
+    @contextlib.contextmanager
+    def _guard(self, doing: str):
+        """A call to the store: where the store or its server fails (see :func:`outside`), one line
+        naming it, and the run marked down so ending it does not wait on the store again."""
+        try:
+            yield
+        except OutsideFault:
+            self.down = True
+            raise
+        except Exception as e:
+            if not outside(e):
+                raise
+            self.down = True
+            raise unavailable(self.uri, f"{doing} (run {self.run_id})" if self.run_id else doing, e) from None
+
     def end(self, status: str = "FINISHED") -> None:
+        """End the run with ``status``. A store that failed earlier is not waited on again: the run
+        stays RUNNING there until the next run starts in its experiment (:func:`close_dead_runs`)."""
         if self.status is not None:
             return
         try:
             if self._monitor is not None:
                 self._monitor.finish()  # its last samples are written before the run ends
-            self.flush()
+            if not self.down:
+                self.flush()
         finally:
-            self.client.set_terminated(self.run_id, status=status)
             self.status = status
             self._tmp.cleanup()
+            if not self.down:
+                try:
+                    with self._guard("ending the run"):
+                        self.client.set_terminated(self.run_id, status=status)
+                except OutsideFault:
+                    if status == "FINISHED":
+                        raise
+                    # already failing for another reason: that one is the error to report
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        with self._guard("logging parameters"):
+            for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -198,22 +279,26 @@ class MlflowTracker:
         self._buffer += [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
 
     def flush(self) -> None:
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+        with self._guard("logging metrics"):
+            while self._buffer:
+                self.client.log_batch(self.run_id, metrics=self._buffer[:1000])
+                self._buffer = self._buffer[1000:]  # dropped once sent: a failed batch is sent again
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        with self._guard("setting tags"):
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with self._guard(f"storing artifact {Path(path).name}"):
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def download(self, artifact_path: str) -> Path:
         """One of this run's artifacts, copied into the scratch folder (from any host)."""
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar per promoted trial in the log
-        return Path(self.client.download_artifacts(self.run_id, artifact_path, str(self.workdir)))
+        with self._guard(f"fetching artifact {artifact_path}"):
+            return Path(self.client.download_artifacts(self.run_id, artifact_path, str(self.workdir)))
 
     def artifact_uri(self, artifact_path: str) -> str:
         """Where an artifact of this run lives, as a local path when the store is local."""
@@ -223,7 +308,6 @@ class MlflowTracker:
     def start_system_metrics(self, interval: float = SYSTEM_METRICS_INTERVAL) -> None:
         """MLflow's sampler of CPU, memory, disk and network (``system/*`` metrics) on this run, in
         a thread, until the run ends."""
-        import logging
 
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -247,7 +331,9 @@ class MlflowTracker:
                          profile=json.dumps(d["profile"]))
         for attempt in range(3):
             try:
-                self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", context)])])
+                with self._guard("logging the dataset"):
+                    self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context",
+                                                                                        context)])])
                 return
             except MlflowException:
                 if attempt == 2:
@@ -270,7 +356,28 @@ def source_tags() -> dict[str, str]:
     except (KeyError, OSError):  # no name for this uid (some containers)
         user = str(os.getuid())
     return {"mlflow.user": user, "mlflow.source.type": "LOCAL", "mlflow.source.name": "charlm",
-            "mlflow.source.git.commit": git_commit()}
+            "mlflow.source.git.commit": git_commit(), HOST_TAG: HOST_ID, PID_TAG: str(os.getpid())}
+
+
+HOST_TAG, PID_TAG = "charlm.host_id", "charlm.pid"  # the process that keeps a run RUNNING (charlm/hosts.py)
+
+
+def close_dead_runs(mlflow_client, experiment_id: str) -> list[str]:
+    """End FAILED the runs of ``experiment_id`` left RUNNING by a process of this machine that is
+    gone (killed, or stopped by a fault while its store was unreachable), so no run stays RUNNING
+    once its store answers again. Runs of other machines are theirs to judge (charlm/workers.py)."""
+    ended = []
+    runs = mlflow_client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                     f"tags.`{HOST_TAG}` = '{HOST_ID}'", max_results=1000)
+    for r in runs:
+        pid = r.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            mlflow_client.set_tag(r.info.run_id, "error", f"process {pid} died before it ended this run")
+            mlflow_client.set_terminated(r.info.run_id, status="FAILED")
+            ended.append(r.info.run_id)
+    if ended:
+        print(f"ended {len(ended)} MLflow run(s) FAILED that a process which died had left RUNNING", file=sys.stderr)
+    return ended
 
 
 @contextlib.contextmanager

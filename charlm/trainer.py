@@ -95,11 +95,12 @@ def log_params(run: Run) -> None:
     tracker.log_artifact(tracker.workdir / "config.yaml")
 
 
-def resume(run: Run, state_path: Path | None, continued: bool = False) -> TrainState:
+def resume(run: Run, state_path: Path | None, continued: bool = False, discard_corrupt: bool = False) -> TrainState:
     """The saved state when it matches this config, else a fresh one. Its curve is re-logged from
-    step 0 in a new run; a ``continued`` run (a promoted trial) already has it."""
+    step 0 in a new run; a ``continued`` run (a promoted trial) already has it. An unreadable state
+    stops the run (one line) unless ``discard_corrupt`` (charlm/loop.py ``TrainState.load``)."""
     fresh = TrainState(Patience(run.cfg.train.patience, run.cfg.train.min_relative_improvement))
-    state = TrainState.load(state_path, run) if run.optimizer is not None else None
+    state = TrainState.load(state_path, run, discard_corrupt) if run.optimizer is not None else None
     if state is None:
         return fresh
     if continued:
@@ -113,14 +114,16 @@ def resume(run: Run, state_path: Path | None, continued: bool = False) -> TrainS
 
 def train(cfg: Config, tracker: Tracker, on_eval: Callable[[EvalEvent], StopReason | None] | None = None,
           corpus: Corpus | None = None, state_path: Path | None = None, progress: bool = True,
-          until: float | None = None, continued: bool = False, stop_at: float | None = None) -> RunResult:
+          until: float | None = None, continued: bool = False, stop_at: float | None = None,
+          discard_corrupt: bool = False) -> RunResult:
     """``until``: stop at that many training seconds, keeping the state at ``state_path`` (a
     sweep's rung); ``continued``: carry on from that state in the same run (a promoted trial);
-    ``stop_at``: the study's deadline (epoch seconds), where the run evaluates once and stops."""
+    ``stop_at``: the study's deadline (epoch seconds), where the run evaluates once and stops;
+    ``discard_corrupt``: an unreadable state at ``state_path`` is deleted and the run starts over."""
     run = setup(cfg, tracker, corpus)
     if not continued:
         log_params(run)
-    state = resume(run, state_path, continued)
+    state = resume(run, state_path, continued, discard_corrupt)
     loop = Loop(run, state, on_eval, state_path, until, stop_at)
     try:
         reason = loop.until_stop(progress)
