@@ -171,7 +171,7 @@ class _Parser(argparse.ArgumentParser):
     """Argument errors as every other error: one line naming the problem and where the help is, exit 2."""
 
     def error(self, message: str):
-        print(f"error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        print(f"error: {_one_line(message)} (see: {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -278,13 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(message: str) -> str:
+    """A message naming a path or value that holds a line break stays one line: the break is shown escaped."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupts.install()  # SIGTERM/Ctrl-C unwind through `with tracker`, which records KILLED
     try:
         return args.func(args)
     except CharlmError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -299,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
         where = f" {e.filename}:" if isinstance(e, OSError) and e.filename else ""
-        print(f"error:{where} {type(e).__name__}: {redact(first)}; what finished is kept in the stores: fix that "
-              "and run the command again", file=sys.stderr)
+        print(_one_line(f"error:{where} {type(e).__name__}: {redact(first)}; what finished is kept in the stores: "
+                        "fix that and run the command again"), file=sys.stderr)
         return 2
 
 

@@ -267,19 +267,32 @@ def _time_steps(cfg: config.Config, corpus, seconds: float = 1.5):
     return times[len(times) // 2], run
 
 
+_MEASURED: dict[tuple, Speed] = {}  # this process's measurements, by what they timed: a machine is measured once
+
+
 def measure(spec) -> Speed:
     """Time the base experiment and each kind's largest and smallest configuration for a few
-    steps, the base's full-pass scoring, and the retrain's n-gram counting (seconds in all)."""
+    steps, the base's full-pass scoring, and the retrain's n-gram counting (seconds in all). A
+    process that plans the same configurations again (a script's second study, the fuzz test's
+    dry runs) reuses the first measurement."""
+    base = spec.base_config()
+    retrain = config.override(base, spec.best.set, where=f"{spec.path} (best.set)")
+    probed = probe_configs(spec)
+    key = (config.dump_yaml(retrain), *(config.dump_yaml(c) for c in probed))
+    if key not in _MEASURED:
+        _MEASURED[key] = _measure(base, retrain, probed)
+    return _MEASURED[key]
+
+
+def _measure(base: config.Config, retrain: config.Config, probed: list[config.Config]) -> Speed:
     from charlm.data import load_corpus
     from charlm.models.ngram import NGram
 
     t0 = time.perf_counter()
-    base = spec.base_config()
-    retrain = config.override(base, spec.best.set, where=f"{spec.path} (best.set)")
     corpus = load_corpus(base.data)
     retrain_corpus = load_corpus(retrain.data)
     probes, scorer = [], None
-    for cfg in probe_configs(spec):  # the base first: its run scores below
+    for cfg in probed:  # the base first: its run scores below
         seconds, run = _time_steps(cfg, corpus)
         probes.append(Probe(cfg.model.kind, flops_per_step(cfg, len(corpus.vocab)), seconds))
         scorer = scorer or run

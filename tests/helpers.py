@@ -67,3 +67,18 @@ def mlflow_runs(cwd: Path, experiment: str):
     client = mlflow_client(cwd)
     exp = client.get_experiment_by_name(experiment)
     return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def reference_speed(slowdown: float = 1.0):
+    """This project's 2-core reference machine as the plan's probe measured it (sweeps/default.yaml;
+    the rnn probes at 38f45c6), or a machine ``slowdown`` times slower in every step and pass: a
+    recorded measurement, for tests of what the plan does with one."""
+    from charlm import plan
+
+    probes = (plan.Probe("gpt", 84.2e9, 0.246), plan.Probe("gpt", 271.6e9, 0.852), plan.Probe("gpt", 2.67e9, 0.014),
+              plan.Probe("rnn", 1048.4e9, 2.408), plan.Probe("rnn", 2.15e9, 0.007),
+              plan.Probe("ff", 312.6e9, 0.470), plan.Probe("ff", 1.71e9, 0.006))
+    return plan.Speed(tuple(plan.Probe(p.kind, p.flops_per_step, p.step_seconds * slowdown) for p in probes),
+                      eval_chars_per_s=36_000 / slowdown, ngram_chars_per_s=400_000 / slowdown,
+                      train_chars=892_315, retrain_chars=992_700, test_chars=111_540, val_chars=111_539,
+                      vocab_size=65, measured_s=9.0 * slowdown)
