@@ -193,13 +193,9 @@ def _next_trial(session: Session, target: int, deadline: float | None) -> Job | 
 def room_for(session: Session, deadline: float | None):
     """``fits(k)``: whether a rung after rung ``k`` (-1: a new trial's shortest first stretch) can
     end before the study's deadline, its rung-end preview and the trial's own costs included.
-
-    A new trial must also leave the **closing promotion** its time: the stretch from the last rung
-    below the clock to the clock. So the study's end always has room to carry its best paused trial
-    to the clock, where it is compared with the trials that finished there. On val, a 45-minute
-    study (seed 0, commit 38f45c6) paused two small LSTMs at 2.2 minutes with 1.376 and 1.377, close
-    to the base's 1.362 at 6.7 minutes, and its deadline left neither the time to go on."""
-    from charlm.plan import PER_TRIAL_S, PREVIEW_SHARE
+    Only the promotion to the clock may use the study's last :func:`charlm.plan.closing_stretch`;
+    all other work leaves it free, so the study's end can carry its best paused trial to the clock."""
+    from charlm.plan import PER_TRIAL_S, PREVIEW_SHARE, closing_stretch
     from charlm.promotion import rung_budgets
 
     spec = session.spec
@@ -208,14 +204,13 @@ def room_for(session: Session, deadline: float | None):
     top = spec.base_config().train.max_minutes * 60
     p = spec.pruner
     rungs = rung_budgets(p.min_seconds, p.reduction_factor, top) if p.type == "asha" else [top]
-
-    closing = (rungs[-1] - rungs[-2]) * (1 + PREVIEW_SHARE) + PER_TRIAL_S if len(rungs) > 1 else 0.0
+    closing = closing_stretch(rungs)
 
     def fits(k: int) -> bool:
         if k + 1 >= len(rungs):
             return False
         length = rungs[k + 1] - (rungs[k] if k >= 0 else 0.0)
-        reserve = closing if k < 0 else 0.0  # a new trial leaves the closing promotion its stretch
+        reserve = 0.0 if k + 1 == len(rungs) - 1 else closing  # only the promotion to the clock uses it
         return time.time() + length * (1 + PREVIEW_SHARE) + PER_TRIAL_S + reserve <= deadline
 
     return fits

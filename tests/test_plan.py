@@ -96,7 +96,37 @@ def test_a_slow_configuration_starts_in_a_later_bracket_and_one_no_rung_fits_is_
     assert plan.first_bracket(base, 0, rungs, p) == 0
     assert plan.first_bracket(big, 0, rungs, p) >= 1  # ~1 s a step: too few steps in the first rung
     assert plan.first_bracket(big, 0, rungs, p, deadline=time.time() + 10) is None  # nothing fits 10 s
-    assert plan.first_bracket(base, 2, rungs, p, deadline=time.time() + rungs[1] * 1.3 + 10) == 1
+    closing = plan.closing_stretch(rungs)
+    assert plan.first_bracket(base, 2, rungs, p, deadline=time.time() + rungs[1] * 1.3 + 10 + closing) == 1
+    # a later bracket's first rung that would eat the study's closing stretch is not started there
+    assert plan.first_bracket(base, 2, rungs, p, deadline=time.time() + rungs[1] * 1.3 + 10) is None
+    assert plan.first_bracket(base, 2, rungs, p, deadline=time.time() + rungs[0] * 1.3 + 10 + closing) == 0
+
+
+def test_only_the_promotion_to_the_clock_may_use_the_closing_stretch():
+    """On val (45m, seed 0, 44fd8da) the last new trials went into later brackets, used the study's
+    end, and the best paused trial was never carried to the clock: every other piece of work leaves
+    that stretch free, so the study's end can compare it with the trials that finished there."""
+    from types import SimpleNamespace
+
+    from charlm.workers import room_for
+
+    spec = load_sweep(DEFAULT, budget="45m")
+    p = plan.make_plan(spec, 45 * 60, speed(1.0))
+    spec = plan.apply(spec, p)
+    rungs = rung_budgets(spec.pruner.min_seconds, spec.pruner.reduction_factor, p.top_s)
+    assert len(rungs) == 3
+    closing = plan.closing_stretch(rungs)
+    assert closing > (rungs[2] - rungs[1])
+    to_clock = (rungs[2] - rungs[1]) * (1 + plan.PREVIEW_SHARE) + plan.PER_TRIAL_S
+    # exactly the closing stretch left: the promotion to the clock fits, nothing else starts
+    fits = room_for(SimpleNamespace(spec=spec), time.time() + to_clock + 5)
+    assert fits(1) and not fits(0) and not fits(-1) and not fits(2)
+    # room for a new trial's first rung, or a promotion to the middle rung, and then the closing one
+    fits = room_for(SimpleNamespace(spec=spec), time.time() + closing + (rungs[1] - rungs[0]) * 1.2 + 10)
+    assert fits(0) and fits(-1) and fits(1)
+    fits = room_for(SimpleNamespace(spec=spec), time.time() + closing + rungs[0] * 1.2 + 10)
+    assert fits(-1) and fits(1)
 
 
 def test_bad_budgets_are_one_line():
