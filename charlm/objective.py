@@ -17,7 +17,7 @@ from charlm import config, promotion
 from charlm.data import Corpus, load_corpus
 from charlm.device import explain
 from charlm.errors import CorruptState, OutsideFault
-from charlm.plan import first_bracket
+from charlm.plan import first_bracket, room_for
 from charlm.promotion import rung_budgets
 from charlm.search import compute_step
 from charlm.space import suggest
@@ -128,7 +128,8 @@ def climb(session: Session, trial: optuna.Trial, cfg: config.Config, tracker: Ml
                  PREVIEW: round(trial.user_attrs.get(PREVIEW, 0.0) + result.preview_seconds, 3)}
         for key, v in spent.items():
             trial.set_user_attr(key, v)  # where it stands, should it pause here for good
-        if not promotion.promotable(session.study.get_trials(deepcopy=False), k, trial.number, p.reduction_factor):
+        if not promotion.promotable(session.study.get_trials(deepcopy=False), k, trial.number, p.reduction_factor) \
+                or not room_for(session.spec, session.stop_at)(k):  # no time to climb: paused for the closing promotion
             storage.set_trial_system_attr(trial._trial_id, promotion.PAUSED, True)
             tracker.set_tags({"optuna.state": "PAUSED", "rung": k})
             return None

@@ -451,6 +451,29 @@ def closing_stretch(rungs: list[float]) -> float:
     return (rungs[-1] - rungs[-2]) * (1 + PREVIEW_SHARE) + PER_TRIAL_S if len(rungs) > 1 else 0.0
 
 
+def room_for(spec, deadline: float | None):
+    """``fits(k)``: whether the rung after rung ``k`` (-1: a new trial's shortest first stretch) can
+    end before the study's deadline, its rung-end preview and the trial's own costs included. Only
+    the promotion to the clock may use the study's :func:`closing_stretch`: a promotion to a lower
+    rung, whether a worker picks up a paused trial or a trial climbs on from the rung it just
+    reached, leaves it free, as a new trial does (:func:`first_bracket`)."""
+    if deadline is None or spec.plan is None:
+        return lambda k: True
+    top = spec.base_config().train.max_minutes * 60
+    p = spec.pruner
+    rungs = rung_budgets(p.min_seconds, p.reduction_factor, top) if p.type == "asha" else [top]
+    closing = closing_stretch(rungs)
+
+    def fits(k: int) -> bool:
+        if k + 1 >= len(rungs):
+            return False
+        length = rungs[k + 1] - (rungs[k] if k >= 0 else 0.0)
+        reserve = 0.0 if k + 1 == len(rungs) - 1 else closing  # only the promotion to the clock uses it
+        return time.time() + length * (1 + PREVIEW_SHARE) + PER_TRIAL_S + reserve <= deadline
+
+    return fits
+
+
 def first_bracket(cfg: config.Config, bracket: int, rungs: list[float], plan: Plan | None,
                   deadline: float | None = None) -> int | None:
     """The bracket a new trial starts in: its draw's ``bracket``, or a later one where its first

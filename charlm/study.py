@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from charlm import config, paths, plan, preflight, tracking
 from charlm.errors import CharlmError, OutsideFault
 from charlm.objective import ENQUEUED, log_baseline
-from charlm.promotion import rung_budgets
+from charlm.promotion import RUNG, rung_budgets
 from charlm.report import SweepProgress, counted, fmt, log_report, refresh_summary, target_trials, trials_table
 from charlm.space import suggest
 from charlm.storage import Session, open_planned, open_study, retune, storage_fault, storage_url, study_lock
@@ -257,9 +257,13 @@ def _close_parent(session: Session, status: str) -> None:
 def _print_results(study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     print(trials_table(trials, limit=15))
-    if any(t.state == TrialState.COMPLETE for t in trials):
-        b = study.best_trial
-        print(f"best: trial {b.number}, val loss {b.value:.4f} nats/char; MLflow run {b.user_attrs.get('mlflow_run_id')}")
+    from charlm.retrain import winner
+
+    b = winner(study)  # what `best` retrains: a trial paused for good may beat the finished ones
+    if b is not None:
+        where = "" if b.state == TrialState.COMPLETE else f" (paused at rung {b.system_attrs[RUNG]})"
+        print(f"best: trial {b.number}, val loss {b.value:.4f} nats/char{where}; MLflow run "
+              f"{b.user_attrs.get('mlflow_run_id')}")
 
 
 def dry_run(spec: SweepSpec, n: int = 3) -> str:

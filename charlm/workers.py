@@ -31,6 +31,7 @@ from charlm import interrupts, promotion, tracking
 from charlm.device import visible_gpus, worker_env
 from charlm.hosts import HOST, HOST_ID, pid_alive
 from charlm.objective import requeue, run_trial
+from charlm.plan import room_for
 from charlm.promotion import close_paused, is_paused, next_promotion
 from charlm.report import SweepProgress, counted, refresh_summary, target_trials
 from charlm.storage import Session, study_lock
@@ -162,7 +163,7 @@ def _next_trial(session: Session, target: int, deadline: float | None) -> Job | 
     """Under the study's lock: a paused trial to promote, else a new (or queued) trial; True to wait
     for other workers' running trials; False when the study is done or the deadline has passed."""
     study, asha = session.study, session.spec.pruner.type == "asha"
-    fits = room_for(session, deadline)
+    fits = room_for(session.spec, deadline)
     with study_lock(session.spec, session.storage_url):
         fail_dead_trials(session)
         late = bool(deadline) and time.time() >= deadline
@@ -188,32 +189,6 @@ def _next_trial(session: Session, target: int, deadline: float | None) -> Job | 
         if asha:
             _close_paused(session)
         return False
-
-
-def room_for(session: Session, deadline: float | None):
-    """``fits(k)``: whether a rung after rung ``k`` (-1: a new trial's shortest first stretch) can
-    end before the study's deadline, its rung-end preview and the trial's own costs included.
-    Only the promotion to the clock may use the study's last :func:`charlm.plan.closing_stretch`;
-    all other work leaves it free, so the study's end can carry its best paused trial to the clock."""
-    from charlm.plan import PER_TRIAL_S, PREVIEW_SHARE, closing_stretch
-    from charlm.promotion import rung_budgets
-
-    spec = session.spec
-    if deadline is None or spec.plan is None:
-        return lambda k: True
-    top = spec.base_config().train.max_minutes * 60
-    p = spec.pruner
-    rungs = rung_budgets(p.min_seconds, p.reduction_factor, top) if p.type == "asha" else [top]
-    closing = closing_stretch(rungs)
-
-    def fits(k: int) -> bool:
-        if k + 1 >= len(rungs):
-            return False
-        length = rungs[k + 1] - (rungs[k] if k >= 0 else 0.0)
-        reserve = 0.0 if k + 1 == len(rungs) - 1 else closing  # only the promotion to the clock uses it
-        return time.time() + length * (1 + PREVIEW_SHARE) + PER_TRIAL_S + reserve <= deadline
-
-    return fits
 
 
 def worker_loop(session: Session, deadline: float | None, shown: SweepProgress | None = None) -> None:

@@ -107,10 +107,6 @@ def test_only_the_promotion_to_the_clock_may_use_the_closing_stretch():
     """On val (45m, seed 0, 44fd8da) the last new trials went into later brackets, used the study's
     end, and the best paused trial was never carried to the clock: every other piece of work leaves
     that stretch free, so the study's end can compare it with the trials that finished there."""
-    from types import SimpleNamespace
-
-    from charlm.workers import room_for
-
     spec = load_sweep(DEFAULT, budget="45m")
     p = plan.make_plan(spec, 45 * 60, speed(1.0))
     spec = plan.apply(spec, p)
@@ -120,12 +116,12 @@ def test_only_the_promotion_to_the_clock_may_use_the_closing_stretch():
     assert closing > (rungs[2] - rungs[1])
     to_clock = (rungs[2] - rungs[1]) * (1 + plan.PREVIEW_SHARE) + plan.PER_TRIAL_S
     # exactly the closing stretch left: the promotion to the clock fits, nothing else starts
-    fits = room_for(SimpleNamespace(spec=spec), time.time() + to_clock + 5)
+    fits = plan.room_for(spec, time.time() + to_clock + 5)
     assert fits(1) and not fits(0) and not fits(-1) and not fits(2)
     # room for a new trial's first rung, or a promotion to the middle rung, and then the closing one
-    fits = room_for(SimpleNamespace(spec=spec), time.time() + closing + (rungs[1] - rungs[0]) * 1.2 + 10)
+    fits = plan.room_for(spec, time.time() + closing + (rungs[1] - rungs[0]) * 1.2 + 10)
     assert fits(0) and fits(-1) and fits(1)
-    fits = room_for(SimpleNamespace(spec=spec), time.time() + closing + rungs[0] * 1.2 + 10)
+    fits = plan.room_for(spec, time.time() + closing + rungs[0] * 1.2 + 10)
     assert fits(-1) and fits(1)
 
 
