@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from charlm import interrupts
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, first_line
 from charlm.paths import DEFAULT_MODEL, redact
 
 
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not outside(e):
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
+        first = first_line(e, 300)
         where = f" {e.filename}:" if isinstance(e, OSError) and e.filename else ""
         print(_one_line(f"error:{where} {type(e).__name__}: {redact(first)}; what finished is kept in the stores: "
                         "fix that and run the command again"), file=sys.stderr)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, first_line
 
 if TYPE_CHECKING:
     import optuna
@@ -100,13 +100,15 @@ def train(config: str | Path | Config, overrides: Mapping[str, Any] | Iterable[s
         from charlm.tracking import tracking_uri
 
         preflight.tracking(tracking_uri(), need)
-    with _own_state(paths.STATES / f"train-{hashlib.sha256(dump_yaml(cfg).encode()).hexdigest()[:12]}.pt") as state:
-        return _train(cfg, corpus, state, track, out, discard_corrupt_state)
+    shared = paths.STATES / f"train-{hashlib.sha256(dump_yaml(cfg).encode()).hexdigest()[:12]}.pt"
+    with _own_state(shared) as state:
+        return _train(cfg, corpus, state, track, out, discard_corrupt_state, resumable=state == shared)
 
 
 def _train(cfg: Config, corpus: Corpus, state: Path, track: bool, out: str | Path | None,
-           discard_corrupt_state: bool) -> Trained:
-    """:func:`train` once its places are checked, from the training state at ``state``."""
+           discard_corrupt_state: bool, resumable: bool = True) -> Trained:
+    """:func:`train` once its places are checked, from the training state at ``state``
+    (``resumable``: the state a rerun of the same command resumes from, not a process's own)."""
     from charlm import checkpoint
     from charlm.errors import OutsideFault
     from charlm.trainer import train as run
@@ -138,7 +140,7 @@ def _train(cfg: Config, corpus: Corpus, state: Path, track: bool, out: str | Pat
             kept = keep(result, tracker.run_id)
         return Trained(result, cfg, tracker.run_id, (where or "") + (f" (and {kept})" if kept else "") or None)
     except OutsideFault as e:
-        if state.is_file():
+        if resumable and state.is_file():
             e.keeping(f"kept: the training state of its last evaluation, {state}; run the same command again to "
                       "resume from it")
         raise
@@ -150,20 +152,44 @@ def _train(cfg: Config, corpus: Corpus, state: Path, track: bool, out: str | Pat
 @contextlib.contextmanager
 def _own_state(path: Path):
     """``path`` while no other process trains from it, held for the run; else a state of this
-    process's own (two identical runs at once must not resume from each other's saves)."""
+    process's own (two identical runs at once must not resume from each other's saves). Leaves no
+    files behind: the lock file goes once no state is left to resume, and a process-own state whose
+    process is gone (killed) is removed by the next run of the same config on this machine."""
     import fcntl
     import os
 
-    with open(path.with_suffix(".lock"), "a") as f:
+    from charlm.hosts import pid_alive
+
+    for leftover in path.parent.glob(f"{path.stem}-pid*{path.suffix}"):
+        pid = leftover.stem.rpartition("-pid")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+    lock = path.with_suffix(".lock")
+    while True:
+        f = open(lock, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            yield path.with_name(f"{path.stem}-pid{os.getpid()}{path.suffix}")
+            f.close()
+            own = path.with_name(f"{path.stem}-pid{os.getpid()}{path.suffix}")
+            try:
+                yield own
+            finally:
+                own.unlink(missing_ok=True)  # no later run resumes another process's save
             return
-        try:
-            yield path
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        try:  # the lock file its last holder removed after we opened it is no lock: take the new one
+            if os.fstat(f.fileno()).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        yield path
+    finally:
+        if not path.exists():
+            lock.unlink(missing_ok=True)  # nothing to resume: the next run makes a new lock
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 # ----------------------------------------------------------------------------- a study
@@ -334,7 +360,7 @@ def _download(uri: str) -> Path:
         with fluent_uri(tracking_uri()):  # the registry too: models:/ resolves where charlm registered
             folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as e:  # MLflow raises its own types for a missing name, version or alias
-        raise CharlmError(f"Cannot load {uri} from {tracking_uri()}: {str(e).splitlines()[0][:200]}") from None
+        raise CharlmError(f"Cannot load {uri} from {tracking_uri()}: {first_line(e)}") from None
     found = sorted((folder / "artifacts").glob("*.pt"))
     if not found:
         raise CharlmError(f"{uri} is not a charlm model (no checkpoint among its artifacts)")

@@ -20,7 +20,7 @@ import torch.nn as nn
 from charlm import interrupts
 from charlm.config import Config, from_dict, to_dict
 from charlm.data import CharVocab
-from charlm.errors import CharlmError, OutsideFault
+from charlm.errors import CharlmError, OutsideFault, first_line
 from charlm.models import build_model
 
 FORMAT = "charlm-checkpoint/1"
@@ -145,7 +145,7 @@ def load(path: str | Path, device: str = "cpu") -> Loaded:
     try:
         model.load_state_dict(blob["model"])
     except (RuntimeError, TypeError, AttributeError, ValueError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0]
+        first = first_line(e, 300)
         raise CheckpointError(f"Checkpoint {p} does not match its own config: {first}") from None
     model.to(device).eval()
     return Loaded(model=model, vocab=vocab, cfg=cfg, meta=dict(blob.get("meta", {})), path=p)

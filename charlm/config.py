@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from charlm.bounds import BOUNDS, TEXTS
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, first_line
 
 
 class ConfigError(CharlmError):
@@ -363,7 +363,7 @@ def read_yaml(path: str | Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise ConfigError(f"YAML syntax error in {path}{line}: {problem}") from None
     if doc is None:
         raise ConfigError(f"Config file {path} is empty; expected sections such as 'model:' and 'train:'")

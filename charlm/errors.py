@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first line (its type's name where it has no words), cut to ``limit``
+    characters: what a one-line error quotes of a driver's, a server's or torch's own words."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 class CharlmError(Exception):
     """Something the user can fix (a config, a path, a text); the message says what and how."""
 

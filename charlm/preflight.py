@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from charlm import paths
-from charlm.errors import OutsideFault
+from charlm.errors import OutsideFault, first_line
 
 CONNECT_TIMEOUT_S = 5.0  # a server that does not accept a connection in this long is down, or the address is wrong
 ANSWER_TIMEOUT_S = 60.0  # a server that accepted may take this long to answer (a busy one still counts)
@@ -143,7 +143,7 @@ def database(url: str, what: str) -> None:
             conn.execute(text("SELECT 1"))
         engine.dispose()
     except Exception as e:  # driver missing, server down, bad credentials: one line, password redacted
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise OutsideFault(f"Cannot connect to {what} {paths.redact(url)}: {type(e).__name__}: {first}; check "
                            "that its server runs and accepts this user") from None
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 
 from charlm import interrupts, paths, preflight
-from charlm.errors import CharlmError, OutsideFault
+from charlm.errors import CharlmError, OutsideFault, first_line
 from charlm.search import make_pruner, make_sampler
 from charlm.sweepfile import SweepSpec
 from charlm.tracking import file_lock
@@ -65,7 +65,7 @@ def open_storage(url: str):
         return optuna.storages.RDBStorage(url, engine_kwargs=preflight.engine_kwargs(url))
     except Exception as e:  # driver missing, server down, bad credentials
         raise OutsideFault(f"Cannot open Optuna storage {paths.redact(url)}: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}") from None
+                           f"{first_line(e)}") from None
 
 
 def storage_fault(url: str, e: BaseException, during: str = "") -> OutsideFault:
@@ -74,7 +74,7 @@ def storage_fault(url: str, e: BaseException, during: str = "") -> OutsideFault:
     cause = e
     while cause.__cause__ is not None or cause.__context__ is not None:
         cause = cause.__cause__ or cause.__context__
-    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    first = first_line(cause)
     return OutsideFault(f"the Optuna storage {paths.redact(url)} failed{' ' + during if during else ''} "
                         f"({type(cause).__name__}: {paths.redact(first)}); check that it runs and answers")
 
@@ -115,8 +115,14 @@ def artifact_store(study: str):
     optuna-dashboard shows on each trial (its loss curve), shared by the sweep and `make dashboard`."""
     from optuna.artifacts import FileSystemArtifactStore
 
-    base = preflight.folder(paths.MLRUNS / "optuna-artifacts" / study, "the Optuna artifact folder")
+    base = paths.MLRUNS / "optuna-artifacts" / study
+    if base.absolute() not in _ARTIFACTS_CHECKED:  # a synced test write once per process, not per trial
+        preflight.folder(base, "the Optuna artifact folder")
+        _ARTIFACTS_CHECKED.add(base.absolute())
     return FileSystemArtifactStore(base_path=str(base))
+
+
+_ARTIFACTS_CHECKED: set[Path] = set()
 
 
 def lock_path(spec: SweepSpec, url: str) -> Path:
@@ -150,7 +156,7 @@ def study_lock(spec: SweepSpec, url: str):
         conn = _ENGINES[url].connect()
     except Exception as e:  # server down, bad credentials: one line, password redacted
         raise OutsideFault(f"Cannot lock study '{spec.study.name}' in {paths.redact(url)}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}") from None
+                          f"{first_line(e)}") from None
     with conn, conn.begin():  # a transaction-level lock: it ends with the transaction or the connection
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         yield

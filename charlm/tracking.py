@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from charlm import interrupts, paths, preflight
-from charlm.errors import CharlmError, OutsideFault
+from charlm.errors import CharlmError, OutsideFault, first_line
 from charlm.hosts import HOST_ID, pid_alive
 
 SYSTEM_METRICS_INTERVAL = 2.0  # seconds between samples: a smoke trial lasts a few seconds, a real one minutes
@@ -70,7 +70,7 @@ def outside(e: BaseException) -> bool:
 
 def unavailable(uri: str, doing: str, e: BaseException) -> OutsideFault:
     """The one line for a tracking store that failed mid-run."""
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    first = first_line(e)
     return OutsideFault(f"the MLflow store {paths.redact(uri)} failed while {doing} ({type(e).__name__}: {first}); "
                         f"check it (make ui, or curl {paths.redact(uri).rstrip('/')}/health for a server)")
 
@@ -192,7 +192,9 @@ class MlflowTracker:
         self.client = client(self.uri)
         with self._guard("starting a run"):
             self.experiment_id = get_or_create_experiment(experiment, self.uri, self.client)
-            close_dead_runs(self.client, self.experiment_id)
+            if (self.uri, self.experiment_id) not in _SWEPT:  # once per process: a sweep opens a run per trial
+                close_dead_runs(self.client, self.experiment_id)
+                _SWEPT.add((self.uri, self.experiment_id))
             if run_id:
                 self.client.set_tag(run_id, PID_TAG, str(os.getpid()))  # this process keeps it now
                 self.client.set_tag(run_id, HOST_TAG, HOST_ID)
@@ -360,6 +362,9 @@ def source_tags() -> dict[str, str]:
 
 
 HOST_TAG, PID_TAG = "charlm.host_id", "charlm.pid"  # the process that keeps a run RUNNING (charlm/hosts.py)
+
+
+_SWEPT: set[tuple[str, str]] = set()  # (store, experiment) this process has run close_dead_runs on
 
 
 def close_dead_runs(mlflow_client, experiment_id: str) -> list[str]:

@@ -31,8 +31,39 @@ def test_train_records_one_run_keeps_the_checkpoint_and_takes_overrides_either_w
     # the same run from "KEY=VALUE" strings, untracked: same seed, no clock, same loss on CPU
     again = charlm.train(ROOT / "experiments" / "gpt.yaml", [f"{k}={v}" for k, v in TINY.items()], track=False)
     assert again.run_id is None and again.result.best_val_loss == pytest.approx(run.result.best_val_loss, abs=1e-6)
+    assert not list((tmp_path / "mlruns" / "states").iterdir())  # finished: no state and no lock left behind
     with pytest.raises(CharlmError, match="did you mean 'model.n_layer'"):
         charlm.train(ROOT / "experiments" / "gpt.yaml", {"model.n_layr": 2}, track=False)
+
+
+def test_a_training_state_is_one_process_s_at_a_time_and_leaves_no_files(tmp_path):
+    """Two identical `train` runs at once must not resume from each other's saves; the second gets a
+    state of its own, gone when it ends, and a killed process's own state goes at the next run."""
+    import os
+    import subprocess
+
+    from charlm.api import _own_state
+
+    shared = tmp_path / "train-abc.pt"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f"train-abc-pid{dead.pid}.pt"  # what a SIGKILL leaves of a second, concurrent run
+    live = tmp_path / f"train-abc-pid{os.getpid()}.pt"
+    left.write_bytes(b"x")
+    live.write_bytes(b"x")
+    with _own_state(shared) as first:
+        assert first == shared and not left.exists() and live.exists()  # only a dead process's state goes
+        live.unlink()
+        with _own_state(shared) as second:
+            assert second == live  # held: this call trains from a state of its own
+            second.write_bytes(b"saved")
+        assert not live.exists()
+        first.write_bytes(b"saved")  # a state to resume: its lock stays with it
+    assert shared.exists() and shared.with_suffix(".lock").exists()
+    shared.unlink()
+    with _own_state(shared) as again:
+        assert again == shared  # the lock is free again, and the file the last holder left still locks
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")
