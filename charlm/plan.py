@@ -462,16 +462,22 @@ def room_for(spec, deadline: float | None):
     top = spec.base_config().train.max_minutes * 60
     p = spec.pruner
     rungs = rung_budgets(p.min_seconds, p.reduction_factor, top) if p.type == "asha" else [top]
-    closing = closing_stretch(rungs)
 
     def fits(k: int) -> bool:
         if k + 1 >= len(rungs):
             return False
         length = rungs[k + 1] - (rungs[k] if k >= 0 else 0.0)
-        reserve = 0.0 if k + 1 == len(rungs) - 1 else closing  # only the promotion to the clock uses it
-        return time.time() + length * (1 + PREVIEW_SHARE) + PER_TRIAL_S + reserve <= deadline
+        return ends_in_time(length, rungs, deadline, to_clock=k + 1 == len(rungs) - 1)
 
     return fits
+
+
+def ends_in_time(length: float, rungs: list[float], deadline: float, to_clock: bool = False) -> bool:
+    """Whether ``length`` seconds of training that start now end before ``deadline``, with their
+    rung-end preview and the trial's own costs, and leave the :func:`closing_stretch` free unless
+    they are the promotion to the clock (the one piece of work that may use it)."""
+    reserve = 0.0 if to_clock else closing_stretch(rungs)
+    return time.time() + length * (1 + PREVIEW_SHARE) + PER_TRIAL_S + reserve <= deadline
 
 
 def first_bracket(cfg: config.Config, bracket: int, rungs: list[float], plan: Plan | None,
@@ -489,9 +495,7 @@ def first_bracket(cfg: config.Config, bracket: int, rungs: list[float], plan: Pl
         return None
     b = max(bracket, useful[0])
     if deadline is not None:
-        left = deadline - time.time()
-        left -= closing_stretch(rungs)
-        fits = [k for k in useful if k <= b and rungs[k] * (1 + PREVIEW_SHARE) + PER_TRIAL_S <= left]
+        fits = [k for k in useful if k <= b and ends_in_time(rungs[k], rungs, deadline)]
         return fits[-1] if fits else None
     return b
 
