@@ -26,6 +26,7 @@ from charlm.tracking import MlflowTracker, outside, ui_runs_url
 from charlm.trainer import EvalEvent, RunResult, StopReason, train
 
 ENQUEUED = "charlm.enqueued"  # user attribute and MLflow tag: where a queued trial's configuration came from
+COVER = "charlm.cover"  # user attribute and MLflow tag: the value of study.cover a first draw was given (a drawn trial)
 PREVIEW = "preview_seconds"  # user attr: the rung-end previews' seconds, compute spent off the trial's clock
 MAX_RETRIES = 2  # a trial whose worker died is re-queued at most this many times
 _CORPUS: dict[tuple, Corpus] = {}
@@ -245,8 +246,9 @@ def new_run(session: Session, trial: optuna.Trial, cfg: config.Config) -> Mlflow
     tracker.log_metrics({"trial_number": trial.number}, step=0)  # a metric, so the UI can chart by it
     if "retry_of" in trial.user_attrs:
         tracker.set_tags({"optuna.retry_of": trial.user_attrs["retry_of"]})
-    if ENQUEUED in trial.user_attrs:  # the base experiment, the sweep file's list, or a warm start
-        tracker.set_tags({ENQUEUED: trial.user_attrs[ENQUEUED]})
+    for key in (ENQUEUED, COVER):  # the base experiment, the sweep file's list, a warm start; a covered value
+        if key in trial.user_attrs:
+            tracker.set_tags({key: trial.user_attrs[key]})
     return tracker
 
 

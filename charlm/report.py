@@ -35,7 +35,7 @@ def quality_vs_time(study: optuna.Study, path: Path) -> Path | None:
     """Every finished trial's reports on the compute axis (training seconds) as a faint curve, its
     value as a marker, by model kind and state; dashed lines where an ASHA study's rungs end."""
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-              if "train_seconds" in t.user_attrs and (t.value is not None or t.intermediate_values)]
+              if "train_seconds" in t.user_attrs and _judged(t)]
     if not trials:
         return None
     plt = pyplot()
@@ -70,6 +70,11 @@ def quality_vs_time(study: optuna.Study, path: Path) -> Path | None:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _judged(t) -> bool:
+    """A value or a report: a trial skipped untrained (too slow for any rung, charlm/objective.py) has neither."""
+    return t.value is not None or bool(t.intermediate_values)
 
 
 def _value(t) -> float:
@@ -136,14 +141,19 @@ def write_report(spec: SweepSpec, study: optuna.Study, out: Path | None = None, 
     trials = study.get_trials(deepcopy=False)
     plots = study_plots(study, out)
     counts = {k.upper(): v for k, v in state_counts(trials).items() if v}
-    finished = sorted((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
+    finished = sorted((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and _judged(t)),
                       key=lambda t: (t.state != TrialState.COMPLETE, _value(t)))
+    skipped = [t for t in trials if "skipped" in t.user_attrs]
     saved = compute_saved(spec, trials)
     lines = [f"# Study `{spec.study.name}`", "",
              f"Sweep file `{spec.path}`: {spec.sampler.type} sampler, {spec.pruner.type} pruner, "
              f"target {spec.study.n_trials} trials. Losses are nats per character.", "",
              "## Trials by state", "", "| state | trials |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in counts.items()]
+    if skipped:
+        names = ", ".join(f"{t.number} ({t.params.get('model.kind', 'model')})" for t in skipped)
+        lines += ["", f"Skipped untrained (PRUNED, no value): trial {names}, too slow on this machine for any rung "
+                  "that fits the plan and the deadline."]
     lines += ["", f"## Top {min(top, len(finished))} trials", "",
               "| trial | state | val loss | stop | steps | train s | params |", "|---|---|---|---|---|---|---|"]
     for t in finished[:top]:

@@ -36,6 +36,7 @@ class StudySpec:
     heartbeat_timeout_s: float = 60.0  # a running trial whose heartbeat stops this long is failed and re-queued
     budget: str = ""  # a wall-clock budget for sweep + best (45m, 3h): planned by charlm/plan.py; "" = no plan
     enqueue_base: bool = True  # the base experiment's own values are the study's first trial
+    cover: str = ""  # a choice key of the space (model.kind): the first draws take each of its values once
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
     space = parse_space(path, doc.get("space"), fixed, kinds)
     if sampler.type == "grid":
         _grid_ready(path, space)
+    _cover_ready(path, study.cover, space)
     hand = {f"{name}.{k}" for name in _SECTIONS for k in (doc.get(name) or {})} & set(PLANNED)
     hand |= {"train.max_minutes"} & set(fixed)
     if n_trials is not None:
@@ -240,6 +242,16 @@ def load_sweep(path: str | Path, n_trials: int | None = None, storage: str | Non
         _rungs_fit(spec)
     check_corners(spec)
     return spec
+
+
+def _cover_ready(path: str, key: str, space: tuple[Param, ...]) -> None:
+    """``study.cover`` names a choice the space always draws (no ``when``), or nothing."""
+    if not key:
+        return
+    choices = [p.key for p in space if p.kind == "choice" and p.when is None]
+    if key not in choices:
+        raise fail(path, "study.cover", f"a choice key of the space outside any 'when' ({', '.join(choices) or 'none'})",
+                   key)
 
 
 def _text_path(text: str) -> str:

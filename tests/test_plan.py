@@ -167,6 +167,37 @@ def test_enqueued_trials_run_first_and_are_tagged(tmp_path):
     assert cli("sweep", str(path2), "--warm-start", "nosuch", cwd=tmp_path).returncode == 2
 
 
+def test_the_first_draws_take_each_model_kind_the_queue_left_and_are_judged_as_draws(tmp_path):
+    """On val, 45m seed 2 on an AVX2 machine drew six trials and no LSTM (the kind that won every
+    study that drew one): ``study.cover`` gives each kind the queued trials left one draw."""
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    doc.pop("baseline")
+    doc["study"].update({"n_trials": 4, "cover": "model.kind"})
+    doc["space"]["model.kind"] = {"choice": ["ff", "gpt", "rnn"]}
+    path = tmp_path / "cover.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    preview = cli("sweep", str(path), "--dry-run", cwd=tmp_path)
+    assert preview.returncode == 0, preview.stderr[-2000:]
+    assert "trial 1 (a draw with model.kind=ff)" in preview.stdout and "trial 2 (a draw with model.kind=rnn)" in preview.stdout
+    r = cli("sweep", str(path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "queued first: base, a draw with model.kind=ff, a draw with model.kind=rnn" in r.stderr
+    trials = journal_study(tmp_path, "smoke").trials
+    # the base (a gpt), then the kinds it left, in the space's order; then the sampler alone
+    assert [t.params["model.kind"] for t in trials[:3]] == ["gpt", "ff", "rnn"]
+    assert [t.user_attrs.get("charlm.cover") for t in trials] == [None, "model.kind=ff", "model.kind=rnn", None]
+    assert all("charlm.enqueued" not in t.user_attrs for t in trials[1:])  # drawn: judged in their own bracket
+    assert {"model.layers", "train.lr", "train.patience"} <= set(trials[1].params)  # the rest is drawn
+    _, runs = mlflow_runs(tmp_path, "smoke")
+    tags = {r.data.tags.get("optuna.trial_number"): r.data.tags.get("charlm.cover") for r in runs}
+    assert tags["1"] == "model.kind=ff" and tags["2"] == "model.kind=rnn" and tags["0"] is None
+    doc["study"]["cover"] = "train.lr"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    bad = cli("sweep", str(path), "--dry-run", cwd=tmp_path)
+    assert bad.returncode == 2 and "study.cover" in bad.stderr and "model.kind" in bad.stderr and bad.stderr.count("\n") == 1
+
+
 def test_a_trial_in_flight_at_the_deadline_stops_at_its_next_evaluation_with_its_value(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     from optuna.trial import TrialState
@@ -207,3 +238,47 @@ def test_best_names_the_retrain_budget_that_binds():
     assert budget_words(clocked) == "6.50 minutes"
     stepped = config.override(config.Config(), {"train.max_steps": 90}, where="t")
     assert budget_words(stepped) == "90 steps"
+
+
+def test_a_trial_that_ranks_first_pauses_at_its_rung_where_climbing_would_eat_the_closing_stretch(tmp_path, monkeypatch):
+    """On val (45m, seed 0, 009925f) the study's last new trial ranked first at its first rung and
+    climbed straight on into the stretch kept for the closing promotion: the study ended 3.7 min
+    early and its best paused trial was never carried to the clock. ``climb`` asks ``room_for``."""
+    monkeypatch.chdir(tmp_path)
+    from charlm import promotion
+    from charlm.objective import run_trial
+    from charlm.storage import storage_url
+    from charlm.study import prepare
+    from charlm.workers import Heartbeat
+
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    doc.pop("baseline")
+    doc["study"]["enqueue_base"] = False
+    doc["pruner"] = {"type": "asha", "min_seconds": 2, "reduction_factor": 3, "brackets": 1}  # rungs 2, 6, 18 s
+    doc["fixed"].update({"train.max_steps": 1_000_000, "train.max_minutes": 0.3, "train.sample_chars": 0,
+                         "train.validation_interval": 20, "train.schedule": "wsd"})
+    path = tmp_path / "climb.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    spec = load_sweep(path)
+    session = prepare(spec, storage_url(spec))
+    session.spec = plan.apply(spec, plan.make_plan(spec, 45 * 60, speed(1.0)))  # a planned study
+    rungs = rung_budgets(session.spec.pruner.min_seconds, session.spec.pruner.reduction_factor, 18)
+    assert rungs == pytest.approx([2, 6, 18], rel=0.01)
+    storage = session.study._storage
+    for _ in range(2):  # two trials paused at rung 0, far behind: the next one ranks first of three
+        t = session.study.ask()
+        for key, v in {promotion.BRACKET: 0, promotion.rung_key(0): 99.0, promotion.RUNG: 0, promotion.PAUSED: True}.items():
+            storage.set_trial_system_attr(t._trial_id, key, v)
+    # time for its first rung and then the closing stretch (plan.first_bracket), not for the middle rung too
+    session.stop_at = time.time() + rungs[0] * (1 + plan.PREVIEW_SHARE) + plan.PER_TRIAL_S + plan.closing_stretch(rungs) + 2.0
+    trial = session.study.ask()
+    with Heartbeat(session.study, trial):
+        assert run_trial(session, trial) is None  # paused
+    mine = session.study.trials[trial.number].system_attrs
+    assert mine[promotion.BRACKET] == 0 and mine[promotion.RUNG] == 0 and mine[promotion.PAUSED] is True
+    assert promotion.promotable(session.study.trials, 0, trial.number, 3)  # it ranked first: only the clock held it
+    assert session.study.trials[trial.number].user_attrs["train_seconds"] < rungs[1] - rungs[0]  # trained rung 0 alone
+    _, runs = mlflow_runs(tmp_path, "smoke")
+    run = next(r for r in runs if r.data.tags.get("optuna.trial_number") == str(trial.number))
+    assert run.data.tags["optuna.state"] == "PAUSED" and run.data.tags["rung"] == "0"
