@@ -198,6 +198,50 @@ def test_the_first_draws_take_each_model_kind_the_queue_left_and_are_judged_as_d
     assert bad.returncode == 2 and "study.cover" in bad.stderr and "model.kind" in bad.stderr and bad.stderr.count("\n") == 1
 
 
+def test_a_covered_draw_skipped_as_too_slow_is_drawn_again_with_its_kind_kept(tmp_path, monkeypatch):
+    """On val, 12m seed 0 on an AVX2 machine: the one LSTM draw was too slow for any rung and the
+    study never trained an LSTM. A skipped covered draw is drawn again with its kind kept, up to
+    COVER_TRIES draws; another skipped draw is not."""
+    monkeypatch.chdir(tmp_path)
+    from optuna.trial import TrialState
+
+    from charlm.objective import COVER_TRIES, skip
+    from charlm.space import suggest
+    from charlm.storage import storage_url
+    from charlm.study import prepare
+
+    doc = yaml.safe_load(SMOKE.read_text())
+    doc["base"] = str(ROOT / "experiments" / "gpt.yaml")
+    doc.pop("baseline")
+    doc["study"].update({"enqueue_base": False, "cover": "model.kind"})
+    doc["sampler"]["type"] = "tpe"
+    path = tmp_path / "cover.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    spec = load_sweep(path)
+    study = prepare(spec, storage_url(spec)).study
+
+    def draw():
+        trial = study.ask()
+        return trial, spec.trial_config(suggest(trial, spec), trial.number)
+
+    trial, _ = draw()  # the gpt's covered draw, trained as any draw: nothing more is queued
+    assert trial.user_attrs["charlm.cover"] == "model.kind=gpt"
+    study.tell(trial, 1.0)
+    for n in range(1, COVER_TRIES + 1):
+        trial, cfg = draw()
+        assert cfg.model.kind == "ff" and trial.user_attrs["charlm.cover"] == "model.kind=ff"
+        assert trial.user_attrs.get("charlm.cover_try", 1) == n
+        assert "model.layers" in trial.params  # the rest of the configuration is drawn afresh
+        assert skip(study, trial, cfg) == TrialState.PRUNED
+        waiting = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+        assert len(waiting) == (n < COVER_TRIES)  # the last draw allowed queues nothing more
+    trial, cfg = draw()  # a draw that is not a covered one is skipped with nothing queued
+    assert "charlm.cover" not in trial.user_attrs
+    skip(study, trial, cfg)
+    assert not [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.WAITING]
+    assert len(study.trials) == COVER_TRIES + 2
+
+
 def test_a_trial_in_flight_at_the_deadline_stops_at_its_next_evaluation_with_its_value(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     from optuna.trial import TrialState
