@@ -306,7 +306,7 @@ def _tell(study: optuna.Study, trial: optuna.Trial, result: RunResult, state: Tr
     all. The full passes of a finished trial are attributes."""
     attrs = {"stop_reason": str(result.stop_reason), "steps": result.steps, "full_val_loss": result.best_val_loss,
              "test_loss": result.test_loss, "train_seconds": round(result.train_seconds, 3),
-             "final_eval_seconds": round(result.final_eval_seconds, 3)}
+             "final_eval_seconds": round(result.final_eval_seconds, 3), "finish_seconds": round(result.finish_seconds, 3)}
     if result.early_stop_step is not None:
         attrs["early_stop_step"] = result.early_stop_step
     for k, v in attrs.items():

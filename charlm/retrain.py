@@ -24,7 +24,7 @@ from charlm.device import resolve_device
 from charlm.errors import CharlmError, CorruptState, OutsideFault
 from charlm.models import generate
 from charlm.objective import ENQUEUED
-from charlm.plan import CLOSE_S, MARGIN
+from charlm.plan import CLOSE_S, MARGIN, seed_seconds
 from charlm.storage import open_planned, storage_url
 from charlm.sweepfile import SweepSpec
 from charlm.tracking import MlflowTracker, tracking_uri
@@ -48,10 +48,8 @@ def winner(study):
     return min(ranked, key=lambda t: (t.value, t.number)) if ranked else None
 
 
-def best_config(spec: SweepSpec, study, number: int | None = None,
-                clock_s: float | None = None) -> tuple[config.Config, object]:
-    """The retrain's config: the winner's (or trial ``number``'s), its budget stretched by
-    ``best.budget_multiplier``, or set to ``clock_s`` seconds by a plan, then ``best.set``."""
+def chosen(spec: SweepSpec, study, number: int | None = None):
+    """The trial to retrain: :func:`winner`, or trial ``number``."""
     if number is not None:
         trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number and t.params), None)
         if trial is None:
@@ -62,6 +60,14 @@ def best_config(spec: SweepSpec, study, number: int | None = None,
     if trial is None:
         raise CharlmError(f"No completed trial in study '{spec.study.name}' yet; run "
                           f"`make sweep SWEEP={spec.path}` first")
+    return trial
+
+
+def best_config(spec: SweepSpec, study, number: int | None = None,
+                clock_s: float | None = None) -> tuple[config.Config, object]:
+    """The retrain's config: the winner's (or trial ``number``'s), its budget stretched by
+    ``best.budget_multiplier``, or set to ``clock_s`` seconds by a plan, then ``best.set``."""
+    trial = chosen(spec, study, number)
     cfg = spec.replay(trial)
     # A longer budget stretches the learning-rate schedule; evaluations are spaced in proportion,
     # so the trial's stopping rule (patience, margin) spans the same share of the run.
@@ -81,11 +87,17 @@ def best_config(spec: SweepSpec, study, number: int | None = None,
 class Clock:
     """Each retrain seed's clock: the plan's, or under ``--budget`` what the deadline leaves once
     the seeds still to train, their test passes and the registry are reserved (measured again
-    before each seed, so a late start shortens the seeds left, never the deadline)."""
+    before each seed, so a late start shortens the seeds left, never the deadline). A seed's cost
+    besides its clock is the winner's own where its trial measured one (charlm/plan.py
+    ``seed_seconds``)."""
 
-    def __init__(self, spec: SweepSpec, budget_s: float | None, started_at: float, minutes: float | None = None):
+    def __init__(self, spec: SweepSpec, budget_s: float | None, started_at: float, trial,
+                 minutes: float | None = None):
         plan, self.fixed = spec.plan, None
-        self.per_seed = plan.reserve.get("per retrain seed", 30.0) if plan else 30.0
+        self.per_seed = 30.0
+        if plan is not None:
+            retrain = config.override(spec.base_config(), spec.best.set, where=f"{spec.path} (best.set)")
+            self.per_seed = seed_seconds(plan, retrain.data.val_fraction, trial.user_attrs.get("finish_seconds"))
         if minutes is not None:
             self.fixed, self.ends_at = minutes * 60, None
         elif budget_s is None:
@@ -127,9 +139,15 @@ def _run_best(spec: SweepSpec, seeds: tuple[int, ...] | None, budget_s: float | 
               trial_number: int | None, minutes: float | None, discard_corrupt: bool) -> Path:
     url = storage_url(spec)
     spec, study = open_planned(spec, url)
-    clock = Clock(spec, budget_s, time.time() if started_at is None else started_at, minutes)
+    trial = chosen(spec, study, trial_number)
+    clock = Clock(spec, budget_s, time.time() if started_at is None else started_at, trial, minutes)
     seeds = tuple(seeds or spec.best.seeds)
-    cfg, trial = best_config(spec, study, trial_number, clock.seconds(len(seeds)))
+    planned = spec.plan.reserve.get("per retrain seed", 0.0) if spec.plan else 0.0
+    if clock.ends_at is not None and clock.per_seed > planned + 1:
+        print(f"each retrain seed keeps {clock.per_seed:.0f} s besides its clock for its passes and writes: trial "
+              f"{trial.number} took {trial.user_attrs['finish_seconds']:.0f} s after its own clock (the plan kept "
+              f"{planned:.0f} s, from the base experiment's speed)", file=sys.stderr)
+    cfg, _ = best_config(spec, study, trial.number, clock.seconds(len(seeds)))
     own = trial_number is not None
     out = paths.BEST_ROOT / (f"{spec.study.name}-trial-{trial.number}" if own else spec.study.name)
     need = checkpoint.state_bytes(cfg, 256) * (len(seeds) + 1)

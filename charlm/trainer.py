@@ -46,6 +46,7 @@ class RunResult:
     slice_val_loss: float = math.nan  # the best intermediate evaluation: what a sweep ranks trials by
     rung_value: float = math.nan  # stopped at a rung's end: the val-slice loss of a decayed copy (Loop.preview)
     preview_seconds: float = 0.0  # what that copy's decay and evaluation took (off the run's clock)
+    finish_seconds: float = 0.0  # everything after the clock: the full passes, the sample, the model and plots logged
 
     @property
     def best_val_bpc(self) -> float:
@@ -215,7 +216,7 @@ def finish(run: Run, state: TrainState, reason: StopReason, train_seconds: float
         steps=state.step, early_stop_step=early_stop_step, train_seconds=train_seconds,
         eval_seconds=state.eval_seconds, n_params=run.n_params, checkpoint=run.ckpt_path if kept else None,
         run_id=tracker.run_id, history=state.history, final_eval_seconds=final_eval_seconds, mixture=mixed,
-        slice_val_loss=final["slice_val_loss"], rung_value=rung_value)
+        slice_val_loss=final["slice_val_loss"], rung_value=rung_value, finish_seconds=time.perf_counter() - te)
 
 
 def _log_sample(run: Run) -> None:

@@ -125,6 +125,36 @@ def test_only_the_promotion_to_the_clock_may_use_the_closing_stretch():
     assert fits(-1) and fits(1)
 
 
+def test_a_retrain_seed_keeps_what_its_winner_measured_after_its_clock():
+    """12m seed 0 on an AVX2 machine (8480722): the winner, an LSTM, took 61 s after its trial's
+    clock where the plan, from the base GPT's scoring, kept 36 s a retrain seed; the pipeline ended
+    42 s late. The retrain's clock now leaves what the winner's own trial measured, scaled to the
+    retrain's passes, and never less than the plan's estimate."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from charlm.retrain import Clock
+
+    spec = load_sweep(DEFAULT, budget="12m")
+    p = plan.make_plan(spec, 12 * 60, speed(5.0))
+    spec = plan.apply(spec, p)
+    planned = p.reserve["per retrain seed"]
+    assert plan.seed_seconds(p, 0.01, None) == planned
+    assert plan.seed_seconds(p, 0.01, 1.0) == planned  # stopped by the deadline: no passes were measured
+    slow = plan.seed_seconds(p, 0.01, 61.0)
+    assert slow > 61.0 * 1.1 > planned  # a retrain scores more than a trial: the test split twice
+
+    def trial(**attrs):
+        return create_trial(params={"train.lr": 0.002}, distributions={"train.lr": FloatDistribution(1e-3, 8e-3)},
+                            value=1.5, user_attrs=attrs)
+
+    start = time.time()
+    base, lstm = Clock(spec, 720, start, trial()), Clock(spec, 720, start, trial(finish_seconds=61.0))
+    assert lstm.per_seed == slow and base.per_seed == planned
+    assert base.seconds(1) - lstm.seconds(1) == pytest.approx(slow - planned, abs=0.5)
+    assert Clock(spec, None, start, trial(finish_seconds=61.0)).seconds(1) == p.retrain_s  # no budget: the plan's clock
+
+
 def test_bad_budgets_are_one_line():
     for text in ("45x", "", "0m", "-3m", "30s"):
         with pytest.raises(CharlmError, match="--budget"):
