@@ -337,9 +337,7 @@ def make_plan(spec, budget_s: float, speed: Speed, started_at: float | None = No
     baseline_s = 0.0
     if spec.baseline:  # an n-gram counted on the training split, scored on val and test
         baseline_s = ngram_s(speed.train_chars) + eval_s(speed.val_chars + speed.test_chars) + PER_TRIAL_S
-    per_seed = PER_TRIAL_S + eval_s(retrain_scored_chars(speed, retrain_cfg.data.val_fraction))
-    if mix_order:
-        per_seed += ngram_s(speed.retrain_chars)
+    per_seed = _seed_cost(speed, eval_s(retrain_scored_chars(speed, retrain_cfg.data.val_fraction)), mix_order)
     reserve = {"start-up": START_S, "probe": speed.measured_s, "baseline": baseline_s, "margin": MARGIN * budget_s,
                "close": CLOSE_S}
     reserve["before_study"] = START_S / 2 + speed.measured_s + baseline_s
@@ -439,10 +437,13 @@ def seed_seconds(plan: Plan, val_fraction: float, finish_s: float | None) -> flo
         return planned
     speed = plan.machine()
     scale = retrain_scored_chars(speed, val_fraction) / max(1, speed.val_chars + speed.test_chars)
-    own = PER_TRIAL_S + finish_s * scale
-    if plan.mix_order:
-        own += speed.retrain_chars / max(speed.ngram_chars_per_s, 1.0)
-    return max(planned, own)
+    return max(planned, _seed_cost(speed, finish_s * scale, plan.mix_order))
+
+
+def _seed_cost(speed: Speed, scoring_s: float, mix_order: int) -> float:
+    """A retrain seed's cost besides its clock: its run's writes, ``scoring_s`` of passes, and the
+    n-gram counted on its text where it mixes with one."""
+    return PER_TRIAL_S + scoring_s + (speed.retrain_chars / max(speed.ngram_chars_per_s, 1.0) if mix_order else 0.0)
 
 
 def apply(spec, plan: Plan):

@@ -94,7 +94,7 @@ class Clock:
     def __init__(self, spec: SweepSpec, budget_s: float | None, started_at: float, trial,
                  minutes: float | None = None):
         plan, self.fixed = spec.plan, None
-        self.per_seed = 30.0
+        self.planned = self.per_seed = plan.reserve.get("per retrain seed", 30.0) if plan else 30.0
         if plan is not None:
             retrain = config.override(spec.base_config(), spec.best.set, where=f"{spec.path} (best.set)")
             self.per_seed = seed_seconds(plan, retrain.data.val_fraction, trial.user_attrs.get("finish_seconds"))
@@ -142,11 +142,10 @@ def _run_best(spec: SweepSpec, seeds: tuple[int, ...] | None, budget_s: float | 
     trial = chosen(spec, study, trial_number)
     clock = Clock(spec, budget_s, time.time() if started_at is None else started_at, trial, minutes)
     seeds = tuple(seeds or spec.best.seeds)
-    planned = spec.plan.reserve.get("per retrain seed", 0.0) if spec.plan else 0.0
-    if clock.ends_at is not None and clock.per_seed > planned + 1:
+    if clock.ends_at is not None and clock.per_seed > clock.planned + 1:
         print(f"each retrain seed keeps {clock.per_seed:.0f} s besides its clock for its passes and writes: trial "
               f"{trial.number} took {trial.user_attrs['finish_seconds']:.0f} s after its own clock (the plan kept "
-              f"{planned:.0f} s, from the base experiment's speed)", file=sys.stderr)
+              f"{clock.planned:.0f} s, from the base experiment's speed)", file=sys.stderr)
     cfg, _ = best_config(spec, study, trial.number, clock.seconds(len(seeds)))
     own = trial_number is not None
     out = paths.BEST_ROOT / (f"{spec.study.name}-trial-{trial.number}" if own else spec.study.name)
