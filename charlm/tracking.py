@@ -68,9 +68,22 @@ def outside(e: BaseException) -> bool:
     return False
 
 
+def telling_line(e: BaseException) -> str:
+    """The line of ``e`` (or of what caused it) that names the fault, else ``e``'s first line.
+    SQLAlchemy puts its own words first: a full disk met during an autoflush reads "(raised as a
+    result of Query-invoked autoflush; ...)" and only its second line says "database or disk is full"."""
+    cause, seen = e, 0
+    while cause is not None and seen < 8:
+        for line in str(cause).splitlines():
+            if any(s in line.lower() for s in _OUTSIDE):
+                return line.strip()[:200]
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return first_line(e)
+
+
 def unavailable(uri: str, doing: str, e: BaseException) -> OutsideFault:
     """The one line for a tracking store that failed mid-run."""
-    first = first_line(e)
+    first = telling_line(e)
     return OutsideFault(f"the MLflow store {paths.redact(uri)} failed while {doing} ({type(e).__name__}: {first}); "
                         f"check it (make ui, or curl {paths.redact(uri).rstrip('/')}/health for a server)")
 

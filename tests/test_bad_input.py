@@ -349,3 +349,35 @@ def test_a_baseline_that_fails_leaves_no_study_run_running(tmp_path):
     client = mlflow_client(tmp_path)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs and all(x.info.status != "RUNNING" for x in runs), [(x.info.run_name, x.info.status) for x in runs]
+
+
+def test_a_full_store_met_in_an_autoflush_is_named_as_full_not_as_sqlalchemy_words(tmp_path):
+    """SQLAlchemy's autoflush puts "(raised as a result of Query-invoked autoflush ...)" before the
+    driver's words; the one line must quote the driver's ("database or disk is full"). A real SQLite
+    file capped at its current pages, a real ORM session, wrapped as MLflow's session maker wraps it."""
+    import sqlalchemy as sa
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.orm import Session, declarative_base
+
+    from charlm.tracking import unavailable
+
+    Base = declarative_base()
+
+    class Row(Base):
+        __tablename__ = "rows"
+        id = sa.Column(sa.Integer, primary_key=True)
+        text = sa.Column(sa.Text)
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'full.db'}")
+    Base.metadata.create_all(engine)
+    sa.event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA max_page_count = 3"))
+    engine.dispose()  # the cap holds on every new connection
+    with Session(engine) as session, pytest.raises(sa.exc.OperationalError) as raised:
+        session.add(Row(text="x" * 100_000))
+        session.query(Row).count()  # the autoflush meets the cap
+    assert "autoflush" in str(raised.value).splitlines()[0]
+    try:
+        raise MlflowException(message=raised.value) from raised.value
+    except MlflowException as e:
+        line = str(unavailable("sqlite:///mlruns/mlflow.db", "logging metrics", e))
+    assert "database or disk is full" in line and "autoflush" not in line, line
