@@ -275,8 +275,7 @@ def measure(spec) -> Speed:
     steps, the base's full-pass scoring, and the retrain's n-gram counting (seconds in all). A
     process that plans the same configurations again (a script's second study, the fuzz test's
     dry runs) reuses the first measurement."""
-    base = spec.base_config()
-    retrain = config.override(base, spec.best.set, where=f"{spec.path} (best.set)")
+    base, retrain = spec.base_config(), spec.retrain_base()
     probed = probe_configs(spec)
     key = (config.dump_yaml(retrain), *(config.dump_yaml(c) for c in probed))
     if key not in _MEASURED:
@@ -324,8 +323,7 @@ def _max_mix_order(vocab_size: int, wanted: int) -> int:
 def make_plan(spec, budget_s: float, speed: Speed, started_at: float | None = None) -> Plan:
     """Fit the study and the retrain to ``budget_s`` on a machine that measured ``speed``."""
     hand = spec.hand
-    base = spec.base_config()
-    retrain_cfg = config.override(base, spec.best.set, where=f"{spec.path} (best.set)")
+    base, retrain_cfg = spec.base_config(), spec.retrain_base()
     mix_order = _max_mix_order(speed.vocab_size, retrain_cfg.model.mix_order) if retrain_cfg.model.mix_order else 0
     warnings = []
     if mix_order and mix_order != retrain_cfg.model.mix_order:

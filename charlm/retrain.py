@@ -63,11 +63,9 @@ def chosen(spec: SweepSpec, study, number: int | None = None):
     return trial
 
 
-def best_config(spec: SweepSpec, study, number: int | None = None,
-                clock_s: float | None = None) -> tuple[config.Config, object]:
-    """The retrain's config: the winner's (or trial ``number``'s), its budget stretched by
+def best_config(spec: SweepSpec, trial, clock_s: float | None = None) -> config.Config:
+    """The retrain's config: ``trial``'s (:func:`chosen`), its budget stretched by
     ``best.budget_multiplier``, or set to ``clock_s`` seconds by a plan, then ``best.set``."""
-    trial = chosen(spec, study, number)
     cfg = spec.replay(trial)
     # A longer budget stretches the learning-rate schedule; evaluations are spaced in proportion,
     # so the trial's stopping rule (patience, margin) spans the same share of the run.
@@ -80,8 +78,8 @@ def best_config(spec: SweepSpec, study, number: int | None = None,
                           where=f"{spec.path} (best budget)")
     if clock_s is not None and cfg.train.max_minutes == 0:  # a trial judged in steps: the clock still binds
         cfg = config.override(cfg, {"train.max_minutes": clock_s / 60}, where=f"{spec.path} (best budget)")
-    cfg = config.override(cfg, spec.best.set, where=f"{spec.path} (best.set)")
-    return replace(cfg, name=f"best-{spec.study.name}"), trial
+    cfg = spec.with_best_set(cfg)
+    return replace(cfg, name=f"best-{spec.study.name}")
 
 
 class Clock:
@@ -96,8 +94,7 @@ class Clock:
         plan, self.fixed = spec.plan, None
         self.planned = self.per_seed = plan.reserve.get("per retrain seed", 30.0) if plan else 30.0
         if plan is not None:
-            retrain = config.override(spec.base_config(), spec.best.set, where=f"{spec.path} (best.set)")
-            self.per_seed = seed_seconds(plan, retrain.data.val_fraction, trial.user_attrs.get("finish_seconds"))
+            self.per_seed = seed_seconds(plan, spec.retrain_base().data.val_fraction, trial.user_attrs.get("finish_seconds"))
         if minutes is not None:
             self.fixed, self.ends_at = minutes * 60, None
         elif budget_s is None:
@@ -146,7 +143,7 @@ def _run_best(spec: SweepSpec, seeds: tuple[int, ...] | None, budget_s: float | 
         print(f"each retrain seed keeps {clock.per_seed:.0f} s besides its clock for its passes and writes: trial "
               f"{trial.number} took {trial.user_attrs['finish_seconds']:.0f} s after its own clock (the plan kept "
               f"{clock.planned:.0f} s, from the base experiment's speed)", file=sys.stderr)
-    cfg, _ = best_config(spec, study, trial.number, clock.seconds(len(seeds)))
+    cfg = best_config(spec, trial, clock.seconds(len(seeds)))
     own = trial_number is not None
     out = paths.BEST_ROOT / (f"{spec.study.name}-trial-{trial.number}" if own else spec.study.name)
     need = checkpoint.state_bytes(cfg, 256) * (len(seeds) + 1)
@@ -168,7 +165,7 @@ def _run_best(spec: SweepSpec, seeds: tuple[int, ...] | None, budget_s: float | 
         best_loaded = None
         for i, seed in enumerate(seeds):
             if i:  # the deadline is measured again: a late first seed shortens the next, not the budget
-                cfg, _ = best_config(spec, study, trial.number, clock.seconds(len(seeds) - i))
+                cfg = best_config(spec, trial, clock.seconds(len(seeds) - i))
             row, loaded = _seed(spec, cfg, seed, out, parent.run_id, tags, discard_corrupt)
             rows.append(row)
             if loaded and (best_loaded is None or row["val_loss"] < best_loaded[0]):

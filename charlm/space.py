@@ -234,7 +234,7 @@ def check_corners(spec: SweepSpec) -> None:
     do not divide the width) surface now, naming the sweep file, not in trial 17."""
     try:
         base = spec.base_config()
-        config.override(base, spec.best.set, where=f"{spec.path} (best.set)")
+        spec.with_best_set(base)
     except ConfigError as e:
         raise SweepError(str(e)) from None
     branches: list[tuple[str, tuple] | None] = [None] + sorted(
@@ -291,7 +291,7 @@ def _try(spec: SweepSpec, values: dict, key: str) -> None:
     """The corner's trial config, and the retrain's (``best.set`` on top of it), must both validate."""
     try:
         cfg = spec.config_for(values, where=f"{spec.path} (space.{key})")
-        config.override(cfg, spec.best.set, where=f"{spec.path} (best.set, with space {key}={values[key]!r})")
+        spec.with_best_set(cfg, note=f", with space {key}={values[key]!r}")
     except ConfigError as e:
         raise SweepError(str(e)) from None
 

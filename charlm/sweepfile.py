@@ -101,6 +101,14 @@ class SweepSpec:
     def base_config(self) -> config.Config:
         return self.config_for({}, where=f"{self.path} (fixed)")
 
+    def with_best_set(self, cfg: config.Config, note: str = "") -> config.Config:
+        """``cfg`` as `best` retrains it: ``best.set`` on top (``note`` says which config, in errors)."""
+        return config.override(cfg, self.best.set, where=f"{self.path} (best.set{note})")
+
+    def retrain_base(self) -> config.Config:
+        """The base experiment as `best` would retrain it: what the plan prices a retrain seed by."""
+        return self.with_best_set(self.base_config())
+
     def baseline_config(self) -> config.Config:
         cfg = self._with_text(config.load(self.baseline), "--text")
         return config.override(cfg, {"experiment": self.study.name}, where=self.baseline)

@@ -472,7 +472,7 @@ def test_best_without_a_completed_trial_is_a_clear_error(tmp_path):
 
 
 def test_values_fixed_under_a_condition_apply_to_trials_and_to_best():
-    from charlm.retrain import best_config
+    from charlm.retrain import best_config, chosen
     from charlm.space import suggest
 
     spec = load_sweep(SMOKE)
@@ -486,7 +486,8 @@ def test_values_fixed_under_a_condition_apply_to_trials_and_to_best():
         assert values.get("model.n_embd") == (16 if kind == "ff" else None)
         assert "model.n_embd" not in study.trials[-1].params  # not an Optuna parameter
         assert spec.trial_config(values, trial.number).model.n_embd == (16 if kind == "ff" else 32)
-    cfg, best = best_config(spec, study)
+    best = chosen(spec, study)
+    cfg = best_config(spec, best)
     assert best.params["model.kind"] == "ff" and cfg.model.n_embd == 16
     assert cfg.train.max_steps == round(spec.base_config().train.max_steps * spec.best.budget_multiplier)
 
