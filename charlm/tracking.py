@@ -84,8 +84,11 @@ def telling_line(e: BaseException) -> str:
 def unavailable(uri: str, doing: str, e: BaseException) -> OutsideFault:
     """The one line for a tracking store that failed mid-run."""
     first = telling_line(e)
+    db = paths.sqlite_path(uri)
+    fix = (f"check the file and the space left on its disk (df -h {db.parent})" if db is not None else
+           f"check it (curl {paths.redact(uri).rstrip('/')}/health for a server)")
     return OutsideFault(f"the MLflow store {paths.redact(uri)} failed while {doing} ({type(e).__name__}: {first}); "
-                        f"check it (make ui, or curl {paths.redact(uri).rstrip('/')}/health for a server)")
+                        + fix)
 
 
 def ui_runs_url(experiment_id: str, run_id: str | None = None) -> str:

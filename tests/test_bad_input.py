@@ -381,3 +381,4 @@ def test_a_full_store_met_in_an_autoflush_is_named_as_full_not_as_sqlalchemy_wor
     except MlflowException as e:
         line = str(unavailable("sqlite:///mlruns/mlflow.db", "logging metrics", e))
     assert "database or disk is full" in line and "autoflush" not in line, line
+    assert "df -h mlruns" in line and "curl" not in line, line  # the fix for a file: its disk, not a server's health
