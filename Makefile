@@ -95,10 +95,11 @@ bench-seeds: $(STAMP) ## `make all` for sampler seeds 0 1 2 in fresh folders, an
 gpu-check: $(STAMP) ## on a GPU machine: tests marked gpu, the fast suite, GPU speed, 1 vs 4 workers (bench/gpu_check.sh)
 	PY=$(PY) bash bench/gpu_check.sh
 
-bench: $(STAMP) ## speed vs matmul peak and a plain PyTorch baseline, eval share, memory; save cost per evaluation; sweep load
+bench: $(STAMP) ## speed vs matmul peak and a plain PyTorch baseline, eval share, memory; save cost per evaluation; sweep load; the shipped GPT against nanoGPT's CPU recipe
 	$(PY) bench/speed.py
 	$(PY) bench/save_cost.py
 	$(PY) bench/sweep_load.py
+	$(PY) bench/recipe.py
 
 report: $(STAMP) ## Markdown report of a study with its plots: mlruns/reports/<study>/report.md (also on the parent run)
 	$(PY) -m charlm report $(SWEEP) $(STORAGE_ARG)
