@@ -5,6 +5,7 @@ study's first trials: the base experiment and the sweep file's list, queued and 
 import math
 import time
 
+import optuna
 import pytest
 import yaml
 
@@ -101,6 +102,40 @@ def test_a_slow_configuration_starts_in_a_later_bracket_and_one_no_rung_fits_is_
     # a later bracket's first rung that would eat the study's closing stretch is not started there
     assert plan.first_bracket(base, 2, rungs, p, deadline=time.time() + rungs[1] * 1.3 + 10) is None
     assert plan.first_bracket(base, 2, rungs, p, deadline=time.time() + rungs[0] * 1.3 + 10 + closing) == 0
+
+
+def test_a_draw_too_slow_for_every_judged_rung_is_skipped_not_sent_unjudged_to_the_clock(tmp_path):
+    """On val (45m, seed 0, a09dbb9, an AVX2 machine) an LSTM 3 x 512 too slow for the first rung was
+    moved to the clock's bracket and trained 129 steps in a quarter of the study, to the worst value.
+    Such a draw is skipped (and a covered one drawn again); one the layout itself puts in the clock's
+    bracket, and a queued trial, still run there."""
+    from charlm.objective import ENQUEUED, bracket_for
+    from charlm.storage import Session
+
+    # what that run's probe measured (its plan, kept on the study): two rungs, 2.1 and 6.3 minutes
+    probes = (("gpt", 84.2e9, 1.221), ("gpt", 271.6e9, 3.643), ("gpt", 2.67e9, 0.046), ("rnn", 1048.4e9, 9.816),
+              ("rnn", 2.15e9, 0.033), ("ff", 312.6e9, 3.717), ("ff", 1.71e9, 0.032))
+    avx2 = plan.Speed(tuple(plan.Probe(*x) for x in probes), eval_chars_per_s=6_618, ngram_chars_per_s=2_161_000,
+                      train_chars=892_315, retrain_chars=992_700, test_chars=111_540, val_chars=111_539,
+                      vocab_size=65, measured_s=63.5)
+    spec = load_sweep(DEFAULT, budget="45m")
+    p = plan.make_plan(spec, 45 * 60, avx2)
+    rungs, spec = list(p.rungs), plan.apply(spec, p)
+    assert len(rungs) == 2
+    lstm = spec.trial_config({"model.kind": "rnn", "model.layers": 3, "model.hidden": 512, "data.context": 256}, 1)
+    m = p.machine()
+    step_s = m.step_seconds("rnn", plan.flops_per_step(lstm, m.vocab_size))
+    assert rungs[0] / step_s < p.useful_steps <= rungs[1] / step_s, (rungs, step_s)  # useful at the clock alone
+    assert plan.first_bracket(lstm, 0, rungs, p) is None
+    assert plan.first_bracket(lstm, 1, rungs, p) == 1  # the layout's own draw for the clock's bracket
+    assert plan.first_bracket(spec.base_config(), 0, rungs, p) == 0  # the base is fast enough to be judged
+    study = optuna.create_study()
+    session = Session(spec, "journal:unused", study, "", 0)
+    # trials 0 and 2 fall in the clock's bracket by the layout (promotion.bracket_of), 1 and 3 in the first
+    for number, attrs, want in ((0, {}, 1), (1, {}, None), (2, {}, 1), (3, {ENQUEUED: "the base experiment"}, 1)):
+        study.enqueue_trial({}, user_attrs=attrs)
+        trial = study.ask()
+        assert trial.number == number and bracket_for(session, trial, lstm) == want, (number, attrs)
 
 
 def test_only_the_promotion_to_the_clock_may_use_the_closing_stretch():
