@@ -52,19 +52,26 @@ _OUTSIDE = ("max retries exceeded", "connection refused", "connection reset", "c
             "file is not a database", "database disk image is malformed", "could not connect", "server closed")
 
 
+def _chain(e: BaseException | None, most: int = 8):
+    """``e`` and what caused it, nearest first (``most`` at most: a chain may loop)."""
+    for _ in range(most):
+        if e is None:
+            return
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def outside(e: BaseException) -> bool:
     """Whether ``e`` (or what caused it) is a store or server failing: a connection, a disk, a file."""
-    seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, (OSError, TimeoutError)):
+    for cause in _chain(e):
+        if isinstance(cause, (OSError, TimeoutError)):
             return True
-        name = type(e).__module__ + "." + type(e).__name__
+        name = type(cause).__module__ + "." + type(cause).__name__
         if name.startswith(("requests.exceptions.", "urllib3.exceptions.", "sqlite3.")) or \
                 name.endswith(("OperationalError", "StorageInternalError")):
             return True
-        if any(s in str(e).lower() for s in _OUTSIDE):
+        if any(s in str(cause).lower() for s in _OUTSIDE):
             return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
     return False
 
 
@@ -72,23 +79,19 @@ def telling_line(e: BaseException) -> str:
     """The line of ``e`` (or of what caused it) that names the fault, else ``e``'s first line.
     SQLAlchemy puts its own words first: a full disk met during an autoflush reads "(raised as a
     result of Query-invoked autoflush; ...)" and only its second line says "database or disk is full"."""
-    cause, seen = e, 0
-    while cause is not None and seen < 8:
+    for cause in _chain(e):
         for line in str(cause).splitlines():
             if any(s in line.lower() for s in _OUTSIDE):
                 return line.strip()[:200]
-        cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return first_line(e)
 
 
 def unavailable(uri: str, doing: str, e: BaseException) -> OutsideFault:
     """The one line for a tracking store that failed mid-run."""
-    first = telling_line(e)
-    db = paths.sqlite_path(uri)
+    shown, db = paths.redact(uri), paths.sqlite_path(uri)
     fix = (f"check the file and the space left on its disk (df -h {db.parent})" if db is not None else
-           f"check it (curl {paths.redact(uri).rstrip('/')}/health for a server)")
-    return OutsideFault(f"the MLflow store {paths.redact(uri)} failed while {doing} ({type(e).__name__}: {first}); "
-                        + fix)
+           f"check it (curl {shown.rstrip('/')}/health for a server)")
+    return OutsideFault(f"the MLflow store {shown} failed while {doing} ({type(e).__name__}: {telling_line(e)}); {fix}")
 
 
 def ui_runs_url(experiment_id: str, run_id: str | None = None) -> str:

@@ -104,7 +104,7 @@ def test_a_slow_configuration_starts_in_a_later_bracket_and_one_no_rung_fits_is_
     assert plan.first_bracket(base, 2, rungs, p, deadline=time.time() + rungs[0] * 1.3 + 10 + closing) == 0
 
 
-def test_a_draw_too_slow_for_every_judged_rung_is_skipped_not_sent_unjudged_to_the_clock(tmp_path):
+def test_a_draw_too_slow_for_every_judged_rung_is_skipped_not_sent_unjudged_to_the_clock():
     """On val (45m, seed 0, a09dbb9, an AVX2 machine) an LSTM 3 x 512 too slow for the first rung was
     moved to the clock's bracket and trained 129 steps in a quarter of the study, to the worst value.
     Such a draw is skipped (and a covered one drawn again); one the layout itself puts in the clock's
