@@ -236,7 +236,7 @@ class Loop:
             return StopReason.FITTED
         if state.stop.should_stop and not self.cooling():  # resumed from the evaluation that ran out of patience
             return StopReason.EARLY_STOP
-        bar = Progress(f"train {run.cfg.name or run.cfg.model.kind}", t.max_steps, "step",
+        bar = Progress(f"train {run.cfg.name or run.cfg.model.kind}", None if t.clock_only else t.max_steps, "step",
                        enabled=progress, initial=state.step)
         run.model.train()
         try:
@@ -339,7 +339,10 @@ class Loop:
         self.persist()
         self.run.tracker.flush()  # after the save: a store that fails here leaves this evaluation resumable
         train_loss, val_loss, best = row.get("train_loss", math.nan), row["val_loss"], state.stop.best
-        bar.event(f"step {state.step}/{self.run.cfg.train.max_steps} loss {train_loss:.4f} val {val_loss:.4f} "
+        t = self.run.cfg.train
+        where = (f"{state.step} at {self.elapsed() / 60:.2f}/{t.max_minutes:.2f} min" if t.clock_only
+                 else f"{state.step}/{t.max_steps}")
+        bar.event(f"step {where} loss {train_loss:.4f} val {val_loss:.4f} "
                   f"(best {best:.4f}) {tokens_per_sec / 1000:.1f}k tok/s", loss=f"{train_loss:.4f}",
                   val=f"{val_loss:.4f}", best=f"{best:.4f}", tok_s=f"{tokens_per_sec / 1000:.1f}k")
         self.window = (time.perf_counter(), 0)

@@ -204,7 +204,7 @@ def _run_best(spec: SweepSpec, seeds: tuple[int, ...] | None, budget_s: float | 
 def budget_words(cfg: config.Config) -> str:
     """What a retrain's budget is in fact: its clock when it has one that binds, else its steps."""
     t = cfg.train
-    return f"{t.max_minutes:.2f} minutes" if t.max_minutes > 0 and t.max_steps >= 100_000 else (
+    return f"{t.max_minutes:.2f} minutes" if t.clock_only else (
         f"{t.max_steps} steps" + (f" or {t.max_minutes:.2f} minutes" if t.max_minutes > 0 else ""))
 
 

@@ -315,5 +315,6 @@ def dry_run(spec: SweepSpec, n: int = 3) -> str:
         source = _source(trial.user_attrs)
         lines.append(f"trial {i} ({source}): " + ", ".join(f"{k}={fmt(v)}" for k, v in values.items()))
         lines.append(f"          -> {cfg.model.kind}, context {cfg.data.context}, clock "
-                     f"{cfg.train.max_minutes:.2f} min, max_steps {cfg.train.max_steps}")
+                     f"{cfg.train.max_minutes:.2f} min" + ("" if cfg.train.clock_only else
+                                                           f", max_steps {cfg.train.max_steps}"))
     return "\n".join(lines)

@@ -1,3 +1,4 @@
+import re
 import subprocess
 
 import pytest
@@ -169,3 +170,20 @@ def test_progress_is_a_live_bar_in_a_terminal_and_plain_lines_under_ci(tiny_cfg,
     r = subprocess.run([PYTHON, "-m", "charlm", "train", str(exp), "--no-track"], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0 and r.stderr.count("train tiny step") == 4 and "\r" not in r.stderr
+
+
+def test_a_run_whose_budget_is_the_clock_tells_its_progress_in_minutes_not_as_a_share_of_the_step_cap(
+        tiny_cfg, tmp_path):
+    """sweeps/default.yaml sets max_steps 1,000,000 under a clock: "step 226/1131903" told the user nothing."""
+    import os
+
+    from charlm.config import dump_yaml
+
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(dump_yaml(tiny_cfg))
+    r = subprocess.run([PYTHON, "-m", "charlm", "train", str(exp), "--no-track", "--set", "train.max_steps=1000000",
+                        "train.max_minutes=0.05"], capture_output=True, text=True,
+                       env={**os.environ, "CI": "true"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("train tiny step")]
+    assert lines and all(re.match(r"train tiny step \d+ at \d\.\d\d/0\.05 min loss ", x) for x in lines), lines[:3]
