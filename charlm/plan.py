@@ -9,8 +9,9 @@ and the registry. How it divides the budget (:func:`make_plan`):
   and n-gram, the registry, and a margin of 1% (what the machine's noise costs);
 - what is left is split between the study and the retrain: the trial clock ``top`` (the top
   rung) is also each retrain seed's clock, and the study gets ``STUDY_SHARE`` clocks of wall time
-  at 45 minutes, more as the budget grows (its square root: a longer budget buys both more trials
-  and longer ones);
+  at every budget: a longer budget buys longer trials and a longer retrain, not more trials (at
+  90 minutes a study of more trials found the 45-minute winner again, and its clock still bound
+  it: REPORT section 8);
 - two retrain seeds from 30 minutes on (the spread is part of the answer), one below;
 - ASHA's rungs divide the clock by the reduction factor while the first rung still gives the
   base experiment ``useful`` steps (``USEFUL_WARMUPS`` times its warmup): a rung that ends inside
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -38,8 +38,7 @@ from charlm import config
 from charlm.errors import CharlmError
 from charlm.promotion import bracket_shares, rung_budgets
 
-STUDY_SHARE = 4.5  # the study's wall time in trial clocks at 45 minutes (the hand-made default had 26 min / 6)
-SHARE_AT_S = 45 * 60  # the budget STUDY_SHARE is for; the share grows with sqrt(budget / this)
+STUDY_SHARE = 4.5  # the study's wall time in trial clocks (the hand-made 45-minute default had 26 min / 6)
 USEFUL_WARMUPS = 3  # a first rung gives the base at least this many warmups of steps
 MIN_RUNG_S = 20.0  # no rung shorter: a trial's start-up (its MLflow run, the corpus) is seconds
 TWO_SEEDS_FROM_S = 30 * 60  # two retrain seeds from this budget on, one below
@@ -342,10 +341,9 @@ def make_plan(spec, budget_s: float, speed: Speed, started_at: float | None = No
     fixed = sum(v for k, v in reserve.items() if k != "before_study")
 
     seeds = spec.best.seeds if "best.seeds" in hand else ((0, 1) if budget_s >= TWO_SEEDS_FROM_S else (0,))
-    share = STUDY_SHARE * math.sqrt(max(1.0, budget_s / SHARE_AT_S))
     per_trial_full = PER_TRIAL_S + eval_s(speed.val_chars + speed.test_chars)
     left = budget_s - fixed - len(seeds) * per_seed
-    top = max(MIN_RUNG_S, left / (len(seeds) + share))
+    top = max(MIN_RUNG_S, left / (len(seeds) + STUDY_SHARE))
     plan_top = top
     if "train.max_minutes" in hand:
         top = spec.fixed["train.max_minutes"] * 60

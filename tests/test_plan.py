@@ -59,8 +59,14 @@ def test_plan_fits_the_budget_and_every_rung_fits_its_clock(budget, slowdown):
 
 def test_a_longer_budget_buys_a_longer_clock_and_a_slower_machine_fewer_rungs():
     spec = load_sweep(DEFAULT)
-    clocks = [plan.make_plan(spec, plan.parse_duration(b), speed(1.0)).top_s for b in ("12m", "45m", "90m", "3h")]
+    plans = [plan.make_plan(spec, plan.parse_duration(b), speed(1.0)) for b in ("12m", "45m", "90m", "3h")]
+    clocks = [p.top_s for p in plans]
     assert clocks == sorted(clocks) and len(set(clocks)) == 4
+    # the extra time goes to training, not to more trials: twice the budget, about twice the clock
+    # (a 90-minute study of more trials found the 45-minute winner again, its clock still binding:
+    # REPORT section 8), and every study is the same number of clocks long
+    assert clocks[2] / clocks[1] > 1.9 and clocks[3] / clocks[1] > 3.8
+    assert [(p.study_s - p.reserve["before_study"]) / p.top_s for p in plans] == pytest.approx([plan.STUDY_SHARE] * 4, rel=1e-3)
     fast = plan.make_plan(spec, 12 * 60, speed(1.0))
     slow = plan.make_plan(spec, 12 * 60, speed(5.0))
     assert len(slow.rungs) < len(fast.rungs) or slow.rungs[0] > fast.rungs[0]
