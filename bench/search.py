@@ -1,6 +1,7 @@
 """Head-to-head of three search schemes on the same space and the same wall-clock budget.
 
     python bench/search.py [--minutes 12] [--workers 2] [--sweep sweeps/default.yaml] [--seeds 0 1]
+                           [--schemes asha hyperband] [--keep DIR]
 
 Each scheme runs `python -m charlm sweep` in a fresh folder for ``--minutes`` (study.timeout_min;
 trials under way then finish), with the sweep file's space, base and fixed settings (its schedule
@@ -8,8 +9,9 @@ included), written in the file's own key order so the sampler draws the same tri
 does; only the pruner and the trial clock differ:
 
 (a) asha: promotion with continued training; top rung = minutes / 3 of training, three rungs by
-    3 (top / 9, top / 3, top), the shape of the default study's 40 s / 2 min / 6 min, in the
-    sweep file's brackets (the default's three: asynchronous Hyperband, charlm/promotion.py);
+    3 (top / 9, top / 3, top), in the sweep file's ``pruner.brackets`` (one where it leaves them to
+    a plan, as sweeps/default.yaml does); with no plan, a drawn trial too slow for every judged rung
+    stops after its first steps (charlm/objective.py ``paced``);
 (b) patience: today's fixed budget, every trial minutes / 6 of training, the patience pruner;
 (c) hyperband: Optuna's HyperbandPruner on the same compute axis, every trial minutes / 3, its
     max_resource the clock (what a trial can really reach).
@@ -19,7 +21,8 @@ seed): best val found (the study's value: the val slice), that trial's test loss
 trials started, compute used (training seconds of every trial, asha's rung-end previews
 included), the compute saved against running every started trial to the top budget, and the
 compute used until a trial first reached the best val Hyperband found with the same seed (trials
-in the order they finished; "-": never). Then the medians over the seeds.
+in the order they finished; "-": never). Then the medians over the seeds. ``--keep DIR`` keeps each
+scheme's folder (its Optuna journal and MLflow store) under DIR; without it they are deleted.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from charlm.storage import open_storage  # noqa: E402
+
+
+SCHEMES = ("asha", "patience", "hyperband")
 
 
 def scheme_docs(base_doc: dict, minutes: float, seed: int = 0) -> dict[str, tuple[dict, float]]:
@@ -107,20 +113,27 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="worker processes per scheme (default 2)")
     ap.add_argument("--sweep", default=str(ROOT / "sweeps" / "default.yaml"), help="the space and base to search")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampler seeds, each a run of every scheme")
+    ap.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES),
+                    help="the schemes to run (default: all three; the last column needs hyperband)")
+    ap.add_argument("--keep", type=Path, help="keep each scheme's folder (journal, MLflow store) under this folder")
     args = ap.parse_args()
     base_doc = yaml.safe_load(Path(args.sweep).read_text())
     by_seed: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="charlm-search-") as tmp:
+        root = args.keep.resolve() if args.keep else Path(tmp)
         for seed in args.seeds:
             rows = by_seed[seed] = []
             for name, (doc, top) in scheme_docs(base_doc, args.minutes, seed).items():
-                folder = Path(tmp) / f"seed-{seed}" / name
+                if name not in args.schemes:
+                    continue
+                folder = root / f"seed-{seed}" / name
                 folder.mkdir(parents=True)
                 rows.append(run_scheme(name, doc, top, args.workers, folder))
                 print(f"seed {seed} {name}: done in {rows[-1]['wall_min']:.1f} min", file=sys.stderr, flush=True)
-            target = next(r["best_val"] for r in rows if r["scheme"] == "hyperband")
+            target = next((r["best_val"] for r in rows if r["scheme"] == "hyperband"), None)
             for r in rows:
-                r["reach_min"] = reach(r.pop("curve"), target)
+                curve = r.pop("curve")
+                r["reach_min"] = None if target is None else reach(curve, target)
     print(f"\n{args.minutes:g} minutes per scheme, {args.workers} workers, space of {Path(args.sweep).name}, "
           f"sampler seeds {args.seeds}\n")
     print("| seed | scheme | best val (slice) | its test loss | best trial | trials started | compute used (min) "
