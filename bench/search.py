@@ -10,8 +10,7 @@ does; only the pruner and the trial clock differ:
 
 (a) asha: promotion with continued training; top rung = minutes / 3 of training, three rungs by
     3 (top / 9, top / 3, top), in the sweep file's ``pruner.brackets`` (one where it leaves them to
-    a plan, as sweeps/default.yaml does); with no plan, a drawn trial too slow for every judged rung
-    stops after its first steps (charlm/objective.py ``paced``);
+    a plan, as sweeps/default.yaml does);
 (b) patience: today's fixed budget, every trial minutes / 6 of training, the patience pruner;
 (c) hyperband: Optuna's HyperbandPruner on the same compute axis, every trial minutes / 3, its
     max_resource the clock (what a trial can really reach).

@@ -16,7 +16,6 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -46,7 +45,6 @@ class StopReason(StrEnum):
     PRUNED = "pruned"  # on_eval said so (the sweep's pruner)
     RUNG_END = "rung_end"  # the sweep's rung budget (``until``) is spent: promote or pause (charlm/promotion.py)
     DEADLINE = "deadline"  # the study's deadline (``stop_at``) passed: stopped at once, its best value kept
-    TOO_SLOW = "too_slow"  # its own pace gives too few steps in any judged rung (``too_slow``): stopped untrained
     INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
     ERROR = "error"  # an exception (set by the sweep on the trial's run)
 
@@ -213,13 +211,10 @@ class Loop:
     """The optimisation loop over one :class:`Run`, changing only its :class:`TrainState`."""
 
     def __init__(self, run: Run, state: TrainState, on_eval, state_path: Path | None, until: float | None = None,
-                 stop_at: float | None = None, too_slow: Callable[[float], bool] | None = None):
+                 stop_at: float | None = None):
         self.run, self.state, self.on_eval, self.state_path = run, state, on_eval, state_path
         self.until = until  # training seconds at which this rung ends (a sweep's promotion), or None
         self.stop_at = stop_at  # epoch seconds: the study's deadline; the step past it evaluates and stops
-        # asked once, with the seconds of this call's second step (of its first, where that one
-        # already ends the rung): True stops the run at once, before any evaluation
-        self.too_slow = too_slow
         self.t0 = time.perf_counter() - state.elapsed  # the clock budget and the schedule carry on
         self.losses = LossMeter(sync=run.device != "cuda")
         self.compile_seconds: float | None = None  # the first compiled step's, which compiles it
@@ -244,7 +239,6 @@ class Loop:
         bar = Progress(f"train {run.cfg.name or run.cfg.model.kind}", None if t.clock_only else t.max_steps, "step",
                        enabled=progress, initial=state.step)
         run.model.train()
-        started, paced_from = self.elapsed(), None  # the pace is timed from the first step's end (past its one-time costs)
         try:
             while state.step < t.max_steps:
                 lr = self.lr()
@@ -252,13 +246,6 @@ class Loop:
                     return StopReason.DIVERGED
                 bar.advance()
                 now = self.elapsed()
-                if self.too_slow is not None:
-                    if paced_from is None and not (self.until is not None and now >= self.until):
-                        paced_from = now
-                    else:
-                        slow, self.too_slow = self.too_slow(now - (started if paced_from is None else paced_from)), None
-                        if slow:
-                            return StopReason.TOO_SLOW
                 out_of_time = t.max_minutes > 0 and now >= t.max_minutes * 60
                 rung_end = self.until is not None and now >= self.until and not self.cooling()
                 cooled = self.cooling() and state.step >= state.cooldown_from + state.cooldown_steps

@@ -17,7 +17,7 @@ from charlm import config, promotion
 from charlm.data import Corpus, load_corpus
 from charlm.device import explain
 from charlm.errors import CorruptState, OutsideFault
-from charlm.plan import USEFUL_WARMUPS, first_bracket, room_for, too_slow
+from charlm.plan import first_bracket, room_for
 from charlm.promotion import rung_budgets
 from charlm.search import compute_step
 from charlm.space import suggest
@@ -46,7 +46,7 @@ def trial_state(result: RunResult) -> TrialState:
     """How a training's stop reason ends its Optuna trial. A run that diverged after a good
     evaluation holds valid restored weights and a finite full-pass value: COMPLETE with that value
     (its run keeps ``stop_reason=diverged``); one that diverged before any good evaluation: FAIL."""
-    if result.stop_reason in (StopReason.PRUNED, StopReason.TOO_SLOW):
+    if result.stop_reason is StopReason.PRUNED:
         return TrialState.PRUNED
     if result.stop_reason is StopReason.DEADLINE:  # stopped by the study's deadline: its val-slice best stands
         return TrialState.COMPLETE if math.isfinite(result.slice_val_loss) else TrialState.FAIL
@@ -96,22 +96,6 @@ def bracket_for(session: Session, trial: optuna.Trial, cfg: config.Config) -> in
     return first
 
 
-def paced(session: Session, trial: optuna.Trial, cfg: config.Config, budgets: list[float], first: int):
-    """For a new trial of a study with no plan (so no measured speed placed it, as
-    charlm/plan.py ``first_bracket`` does): ``too_slow(step_s)``, asked by the loop once the
-    trial has timed a step, True where no rung below the clock gives it ``USEFUL_WARMUPS`` warmups
-    of steps; it then stops untrained and is skipped. None where nothing judges it: a planned
-    study, a queued trial (the user's own choice runs), a trial whose steps, not its clock, bound it,
-    or one of the clock's bracket. On val, bench/search.py seed 1 at 0f55cb7 (12 min, rungs 27 s /
-    80 s / 4 min): 13 of 18 trials were judged at the first rung after 3 to 47 steps, inside or
-    just past a 30-step warmup, and took 8.5 of the study's 23.5 minutes of compute."""
-    if session.spec.plan is not None or ENQUEUED in trial.user_attrs or not cfg.train.clock_only \
-            or first >= len(budgets) - 1:
-        return None
-    useful = USEFUL_WARMUPS * max(1, cfg.train.warmup_steps)
-    return lambda step_s: too_slow(step_s, budgets, useful)
-
-
 def climb(session: Session, trial: optuna.Trial, cfg: config.Config, tracker: MlflowTracker,
           before: optuna.trial.FrozenTrial | None, first: int = 0) -> tuple[RunResult, Reporter] | None:
     """ASHA (charlm/promotion.py): train rung after rung while the trial ranks in the top fraction
@@ -131,8 +115,7 @@ def climb(session: Session, trial: optuna.Trial, cfg: config.Config, tracker: Ml
     while True:
         top = k == len(budgets) - 1
         result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), state_path=state_path, progress=False,
-                       until=None if top else budgets[k], continued=k > first, stop_at=session.stop_at,
-                       too_slow=paced(session, trial, cfg, budgets, first) if before is None and k == first else None)
+                       until=None if top else budgets[k], continued=k > first, stop_at=session.stop_at)
         if result.stop_reason is not StopReason.RUNG_END:
             return result, on_eval  # the top rung's end, its own patience, divergence
         mine = storage.get_trial(trial._trial_id).system_attrs
@@ -185,8 +168,6 @@ def run_trial(session: Session, trial: optuna.Trial, before: optuna.trial.Frozen
                 result = train(cfg, tracker, on_eval, corpus=corpus_for(cfg), progress=False, stop_at=session.stop_at)
             show_in_dashboard(trial, tracker, result, spec.study.name)
             state = _close_run(tracker, result)
-        if result.stop_reason is StopReason.TOO_SLOW:
-            return skip(study, trial, cfg, result)
         return _tell(study, trial, result, state, on_eval.best)
     except (KeyboardInterrupt, SystemExit):
         # interrupted, not broken: a trial past a rung pauses there (the next call goes on from its
@@ -244,18 +225,13 @@ def _broken(study: optuna.Study, trial: optuna.Trial, tracker: MlflowTracker | N
     return TrialState.FAIL
 
 
-def skip(study: optuna.Study, trial: optuna.Trial, cfg: config.Config, result: RunResult | None = None) -> TrialState:
+def skip(study: optuna.Study, trial: optuna.Trial, cfg: config.Config) -> TrialState:
     """A configuration no bracket fits, at this budget on this machine: PRUNED untrained, the reason
-    kept on the trial, so the sampler learns to leave its region and no time is spent on it.
-    ``result``: the few steps that timed it, where its own pace decided (:func:`paced`)."""
+    kept on the trial, so the sampler learns to leave its region and no time is spent on it."""
     why = (f"skipped untrained: a {cfg.model.kind} this slow gets too few steps in any rung that fits "
-           + ("the plan and the deadline (charlm/plan.py)" if result is None else
-              f"({result.train_seconds / max(1, result.steps):.2f} s a step, timed on its first steps)"))
+           "the plan and the deadline (charlm/plan.py)")
     trial.set_user_attr("skipped", why)
-    if result is not None:
-        _tell(study, trial, result, TrialState.PRUNED)
-    else:
-        study.tell(trial, state=TrialState.PRUNED)
+    study.tell(trial, state=TrialState.PRUNED)
     print(f"trial {trial.number}: {why}", file=sys.stderr)
     cover_again(study, trial)
     return TrialState.PRUNED

@@ -528,14 +528,6 @@ def first_bracket(cfg: config.Config, bracket: int, rungs: list[float], plan: Pl
     return b
 
 
-def too_slow(step_s: float, rungs: list[float], useful_steps: int) -> bool:
-    """Whether a trial at ``step_s`` seconds a step trains fewer than ``useful_steps`` steps by the
-    last rung below the clock: every rung that could judge it would rank an unfinished warmup. A
-    study with no plan has no measured speed; its trials measure their own (charlm/objective.py
-    ``paced``)."""
-    return len(rungs) > 1 and step_s > 0 and rungs[-2] / step_s < useful_steps
-
-
 def for_study(spec, study):
     """``spec`` with the plan its study keeps, if it has one (workers, ``best``, ``report``)."""
     text = study.user_attrs.get(PLAN_ATTR)

@@ -116,18 +116,16 @@ def resume(run: Run, state_path: Path | None, continued: bool = False, discard_c
 def train(cfg: Config, tracker: Tracker, on_eval: Callable[[EvalEvent], StopReason | None] | None = None,
           corpus: Corpus | None = None, state_path: Path | None = None, progress: bool = True,
           until: float | None = None, continued: bool = False, stop_at: float | None = None,
-          discard_corrupt: bool = False, too_slow: Callable[[float], bool] | None = None) -> RunResult:
+          discard_corrupt: bool = False) -> RunResult:
     """``until``: stop at that many training seconds, keeping the state at ``state_path`` (a
     sweep's rung); ``continued``: carry on from that state in the same run (a promoted trial);
     ``stop_at``: the study's deadline (epoch seconds), where the run evaluates once and stops;
-    ``discard_corrupt``: an unreadable state at ``state_path`` is deleted and the run starts over;
-    ``too_slow``: asked once with the run's measured seconds per step, True stops it untrained
-    (charlm/objective.py ``paced``)."""
+    ``discard_corrupt``: an unreadable state at ``state_path`` is deleted and the run starts over."""
     run = setup(cfg, tracker, corpus)
     if not continued:
         log_params(run)
     state = resume(run, state_path, continued, discard_corrupt)
-    loop = Loop(run, state, on_eval, state_path, until, stop_at, too_slow)
+    loop = Loop(run, state, on_eval, state_path, until, stop_at)
     try:
         reason = loop.until_stop(progress)
     except (KeyboardInterrupt, SystemExit):

@@ -128,25 +128,6 @@ def test_a_trial_out_of_patience_before_its_rung_ends_is_complete(tmp_path):
     assert all(t.user_attrs["stop_reason"] == "early_stop" and promotion.RUNG not in t.system_attrs for t in trials)
 
 
-def test_a_drawn_trial_too_slow_for_every_judged_rung_stops_after_its_first_steps(tmp_path):
-    # a warmup of 100,000 steps asks for 300,000 steps by the 2 s rung: no tiny model runs that
-    # fast, so with no plan to place them the drawn trials time their own steps and stop there;
-    # the queued base experiment (trial 0) is the user's choice and runs all the same
-    sweep = asha_sweep(tmp_path, "slow", 3, **{"train.warmup_steps": 100000, "train.max_minutes": 0.05})
-    r = cli("sweep", str(sweep), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    trials = journal_study(tmp_path, "slow").trials
-    assert trials[0].user_attrs["charlm.enqueued"] == "base" and "skipped" not in trials[0].user_attrs
-    assert promotion.RUNG in trials[0].system_attrs  # trained to its rung and judged there
-    for t in trials[1:]:
-        assert t.state == TrialState.PRUNED and "s a step, timed on its first steps" in t.user_attrs["skipped"]
-        assert t.user_attrs["steps"] == 2 and t.user_attrs["stop_reason"] == "too_slow" and t.value is None
-        assert not [k for k in t.system_attrs if k.startswith("charlm.rung")]
-        run = mlflow_client(tmp_path).get_run(t.user_attrs["mlflow_run_id"])
-        assert run.data.tags["stop_reason"] == "too_slow" and run.data.tags["optuna.state"] == "PRUNED"
-    assert "skipped untrained" in r.stderr
-
-
 @pytest.mark.slow
 def test_a_worker_killed_during_a_promotion_loses_nothing(tmp_path):
     # rungs of 2, 6 and 18 s: a trial training the top rung has finished rung 1, and only the best
