@@ -31,9 +31,13 @@ def prepare(spec: SweepSpec, url: str, started_at: float | None = None, warm_sta
     """Create (or find) the MLflow experiment, the study and its parent run, once, before any
     worker; under the study's lock, so two `make sweep` started at once share one of each. A
     budgeted sweep plans here (charlm/plan.py) and a fresh study queues its known configurations.
-    First, every place it writes is checked (charlm/preflight.py): one line, and nothing started."""
+    First, the text and every place it writes are checked (charlm/preflight.py): one line, and
+    nothing started."""
     import tempfile
 
+    from charlm.data import resolve_corpus
+
+    resolve_corpus(spec.base_config().data.path)  # the text every trial reads: absent, one line before any run
     preflight.tracking(tracking_uri())
     preflight.optuna_storage(url)  # before its lock file is made beside it
     preflight.folder(tempfile.gettempdir(), "the scratch folder (TMPDIR) trials write their files to")

@@ -62,8 +62,12 @@ def _chain(e: BaseException | None, most: int = 8):
 
 
 def outside(e: BaseException) -> bool:
-    """Whether ``e`` (or what caused it) is a store or server failing: a connection, a disk, a file."""
+    """Whether ``e`` (or what caused it) is a store or server failing: a connection, a disk, a file.
+    One of charlm's own errors that is not an :class:`OutsideFault` already names its problem (a
+    missing corpus whose failed download said "name or service not known" is not a store's fault)."""
     for cause in _chain(e):
+        if isinstance(cause, CharlmError) and not isinstance(cause, OutsideFault):
+            return False
         if isinstance(cause, (OSError, TimeoutError)):
             return True
         name = type(cause).__module__ + "." + type(cause).__name__

@@ -300,6 +300,22 @@ def test_sweep_and_best_cli_refuse_before_writing(run_main, tmp_path):
     nothing_written(tmp_path)
 
 
+def test_a_sweep_whose_corpus_cannot_be_found_says_so_before_writing(run_main, tmp_path, monkeypatch):
+    # no checkout copy, no mirror, a download that fails with "connection refused": the fault is the
+    # missing text, not the Optuna storage the trials would have blamed (their words are a store's)
+    from charlm import paths
+
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "checkout")
+    monkeypatch.setenv("CHARLM_DATA_MIRROR", str(tmp_path / "no-mirror"))
+    monkeypatch.setenv("CHARLM_DATA_URL", "http://127.0.0.1:9/tinyshakespeare.txt")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"study": {"name": "t", "n_trials": 1}, "base": str(ROOT / "experiments" / "gpt.yaml"),
+                                 "space": {"model.n_layer": {"int": [1, 2]}}}))
+    line = one_line(*run_main("sweep", f)[::2], "Cannot find the tiny shakespeare corpus", "CHARLM_DATA_MIRROR")
+    assert "Optuna storage" not in line
+    nothing_written(tmp_path)
+
+
 # ----------------------------------------------------------------------------- divergence
 
 
