@@ -42,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 
 from charlm.storage import open_storage  # noqa: E402
 
-
 SCHEMES = ("asha", "patience", "hyperband")
 
 
