@@ -132,7 +132,7 @@ def climb(session: Session, trial: optuna.Trial, cfg: config.Config, tracker: Ml
         for key, v in spent.items():
             trial.set_user_attr(key, v)  # where it stands, should it pause here for good
         if not promotion.promotable(session.study.get_trials(deepcopy=False), k, trial.number, p.reduction_factor) \
-                or not room_for(session.spec, session.stop_at)(k):  # no time to climb: paused for the closing promotion
+                or not room_for(session.spec, session.deadline or session.stop_at)(k):  # no time to climb: paused for the closing promotion
             storage.set_trial_system_attr(trial._trial_id, promotion.PAUSED, True)
             tracker.set_tags({"optuna.state": "PAUSED", "rung": k})
             return None

@@ -39,6 +39,7 @@ class Session:
     beats: dict = field(default_factory=dict)  # trial id -> (heartbeat seen, this process's monotonic time)
     experiment_id: str = ""  # the MLflow experiment, where the coordinator knows it
     stop_at: float | None = None  # the plan's deadline (epoch s): a trial in flight stops there, none starts a rung past it
+    deadline: float | None = None  # when new work stops: the plan's deadline, else study.timeout_min's (epoch s)
 
 
 def storage_url(spec: SweepSpec) -> str:

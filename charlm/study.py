@@ -219,13 +219,14 @@ def run(spec: SweepSpec, workers: int = 1, worker_index: int | None = None, star
         threads_for(workers)
         # in flight, only the plan's deadline stops a trial; timeout_min only stops new ones, as in the coordinator
         worker_loop(Session(spec, url, study, study.user_attrs["mlflow_parent_run_id"], worker_index,
-                            stop_at=spec.plan.study_deadline if spec.plan else None), deadline)
+                            stop_at=spec.plan.study_deadline if spec.plan else None, deadline=deadline), deadline)
         return study
 
     session = prepare(spec, url, started_at, warm_start)
     spec = session.spec
     if spec.plan is not None:
         deadline = spec.plan.study_deadline
+    session.deadline = deadline
     trials = session.study.get_trials(deepcopy=False)
     print(f"study '{spec.study.name}' in {paths.redact(url)}; MLflow experiment '{spec.study.name}', "
           f"parent run {session.parent_run_id}; {counted(trials)}/{target_trials(spec)} trials so far",

@@ -4,6 +4,7 @@ study's first trials: the base experiment and the sweep file's list, queued and 
 
 import math
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -164,6 +165,33 @@ def test_only_the_promotion_to_the_clock_may_use_the_closing_stretch():
     assert fits(0) and fits(-1) and fits(1)
     fits = plan.room_for(spec, time.time() + closing + rungs[0] * 1.2 + 10)
     assert fits(-1) and fits(1)
+
+
+def test_a_study_with_no_plan_keeps_the_closing_stretch_before_its_timeout_under_asha_only(tmp_path):
+    """On val (bench/search.py seed 0, 5024ae3, three brackets): with no plan, the timeout came
+    while the best trial waited at the 80-second rung (1.7082) and the study ended on 1.7218. A
+    study with no plan has a deadline from study.timeout_min alone: ASHA keeps the closing stretch
+    before it; any other pruner keeps Optuna's meaning of a timeout (no new trial after it)."""
+    def written(doc: dict) -> Path:
+        path = tmp_path / "unplanned.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    doc = yaml.safe_load(DEFAULT.read_text())
+    doc["study"].pop("budget")
+    doc["study"]["timeout_min"] = 12
+    doc["base"], doc["baseline"] = str(ROOT / doc["base"]), str(ROOT / doc["baseline"])
+    doc["pruner"] = {"type": "asha", "min_seconds": 240 / 9, "reduction_factor": 3, "brackets": 1}
+    doc["fixed"]["train.max_minutes"] = 4
+    spec = load_sweep(written(doc))
+    assert spec.plan is None
+    rungs = rung_budgets(spec.pruner.min_seconds, 3, 240)
+    to_clock = (rungs[2] - rungs[1]) * (1 + plan.PREVIEW_SHARE) + plan.PER_TRIAL_S
+    fits = plan.room_for(spec, time.time() + to_clock + 5)
+    assert fits(1) and not fits(0) and not fits(-1)  # only the promotion to the clock: no new trial
+    assert plan.room_for(spec, time.time() + 3600)(-1)
+    doc["pruner"] = {"type": "hyperband"}
+    assert plan.room_for(load_sweep(written(doc)), time.time() + 1)(-1)
 
 
 def test_a_retrain_seed_keeps_what_its_winner_measured_after_its_clock():
