@@ -31,7 +31,7 @@ class StudySpec:
     metric: str = "val_loss"  # full-pass val loss of the restored best weights
     direction: str = "minimize"
     n_trials: int = 20  # total over every run of the sweep (resume continues to this)
-    timeout_min: float = 0.0  # stop starting trials after this many minutes of one call; 0 = none
+    timeout_min: float = 0.0  # stop starting trials after this many minutes of one call (ASHA: in time to carry its best on); 0 = none
     storage: str = ""  # any Optuna storage URL; empty = journal file mlruns/optuna/<name>.journal
     heartbeat_timeout_s: float = 60.0  # a running trial whose heartbeat stops this long is failed and re-queued
     budget: str = ""  # a wall-clock budget for sweep + best (45m, 3h): planned by charlm/plan.py; "" = no plan
