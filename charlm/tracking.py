@@ -63,18 +63,18 @@ def _chain(e: BaseException | None, most: int = 8):
 
 def outside(e: BaseException) -> bool:
     """Whether ``e`` (or what caused it) is a store or server failing: a connection, a disk, a file.
-    One of charlm's own errors that is not an :class:`OutsideFault` already names its problem (a
-    missing corpus whose failed download said "name or service not known" is not a store's fault)."""
+    The words of one of charlm's own errors that is not an :class:`OutsideFault` are not read as a
+    store's: it names its own problem (a missing corpus whose failed download said "name or service
+    not known" is not the Optuna storage failing); what caused it still counts."""
     for cause in _chain(e):
-        if isinstance(cause, CharlmError) and not isinstance(cause, OutsideFault):
-            return False
         if isinstance(cause, (OSError, TimeoutError)):
             return True
         name = type(cause).__module__ + "." + type(cause).__name__
         if name.startswith(("requests.exceptions.", "urllib3.exceptions.", "sqlite3.")) or \
                 name.endswith(("OperationalError", "StorageInternalError")):
             return True
-        if any(s in str(cause).lower() for s in _OUTSIDE):
+        own = isinstance(cause, CharlmError) and not isinstance(cause, OutsideFault)
+        if not own and any(s in str(cause).lower() for s in _OUTSIDE):
             return True
     return False
 

@@ -316,6 +316,21 @@ def test_a_sweep_whose_corpus_cannot_be_found_says_so_before_writing(run_main, t
     nothing_written(tmp_path)
 
 
+def test_charlms_own_error_is_not_read_as_a_store_failing_unless_a_store_caused_it():
+    from charlm.data import DataError
+    from charlm.tracking import outside
+
+    assert not outside(DataError("Cannot find the corpus; download failed (name or service not known)"))
+    try:
+        try:
+            open("/nonexistent/text.txt")
+        except OSError:
+            raise DataError("Cannot read /nonexistent/text.txt") from None
+    except DataError as e:
+        assert outside(e)  # what caused it, a disk's error, still counts
+    assert outside(RuntimeError("connection refused"))
+
+
 # ----------------------------------------------------------------------------- divergence
 
 
